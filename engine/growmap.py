@@ -7,6 +7,11 @@ A growmap is a `torch.save`d dict (load with `weights_only=True`):
   Successors  length n: the child indices of each node, numbered consecutively in expansion order
   mask        [n, n] 0/1: mask[i][j] = 1 when j is i or an ancestor of i
   depth       [n] long: depth of each node (root 0)
+
+Like the original generator (Sequoia's tree search), `from_parents` writes one `roots` entry per depth
+level, every node of that level included, even those with 0 branches; the last entry is the leaf level,
+all zeros. Engines written for those files run `len(roots) - 1` growth steps and need that last entry.
+Files that leave out 0-branch nodes load as well.
 """
 from __future__ import annotations
 
@@ -40,6 +45,19 @@ class Growmap:
 
     def nodes_per_depth(self) -> list[int]:
         return torch.bincount(self.depth).tolist()
+
+    @property
+    def growth_steps(self) -> int:
+        """Draft forwards needed to grow the tree: one per level below the root (= max_depth)."""
+        return self.max_depth
+
+    def branching_per_depth(self) -> list[list[int]]:
+        """For each depth, the number of children of every node of that depth that has children."""
+        out: list[list[int]] = [[] for _ in range(self.max_depth + 1)]
+        for node, children in enumerate(self.successors):
+            if children:
+                out[int(self.depth[node])].append(len(children))
+        return out
 
     def first_child_path_len(self) -> int:
         """Nodes on the chain that follows each node's first child from the root (root excluded)."""
@@ -98,6 +116,7 @@ def from_dict(data: dict) -> Growmap:
     branches = [_int_list(step, f"branches[{s}]") for s, step in enumerate(branches)]
     created = {0}
     expanded: set[int] = set()
+    next_id = 1  # children are numbered consecutively in expansion order
     for s, (step_roots, step_branches) in enumerate(zip(roots, branches)):
         if len(step_roots) != len(step_branches):
             raise GrowmapError(f"'branches'[{s}] has {len(step_branches)} entries but 'roots'[{s}] has {len(step_roots)}")
@@ -110,6 +129,10 @@ def from_dict(data: dict) -> Growmap:
             if count != len(successors[node]):
                 raise GrowmapError(f"'branches'[{s}] gives node {node} {count} children but "
                                    f"'Successors'[{node}] lists {len(successors[node])}")
+            if successors[node] != list(range(next_id, next_id + count)):
+                raise GrowmapError(f"'Successors'[{node}] is {successors[node]}, but expanding 'roots' in order "
+                                   f"numbers its children {list(range(next_id, next_id + count))}")
+            next_id += count
             expanded.add(node)
             new_nodes.extend(successors[node])
         created.update(new_nodes)
@@ -137,6 +160,18 @@ def from_dict(data: dict) -> Growmap:
     return Growmap(size, roots, branches, successors, depth_expected, mask_expected, parent_t)
 
 
+def _load_failure(exc: Exception) -> str:
+    """One line on why torch.load(weights_only=True) refused a file (its own message spans many lines)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = next((line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()), "")
+        detail = detail.split(" Please use", 1)[0]
+        return f"not a plain torch.save file of tensors, lists and numbers (weights_only=True refused it: {detail})"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def load_growmap(path: str | Path) -> Growmap:
     path = Path(path)
     if not path.is_file():
@@ -144,7 +179,7 @@ def load_growmap(path: str | Path) -> Growmap:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or non-torch file raises many different types
-        raise GrowmapError(f"cannot read growmap {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise GrowmapError(f"cannot read growmap {path}: {_load_failure(exc)}") from exc
     try:
         return from_dict(data)
     except GrowmapError as exc:
@@ -163,7 +198,8 @@ def from_parents(parents: list[int]) -> Growmap:
     """Growmap for the tree given by a parent list (parents[0] = -1, parents[i] < i).
 
     Nodes are renumbered into the canonical order: growth step s expands the nodes of depth s, in
-    index order, and each node's children are numbered consecutively.
+    index order, and each node's children are numbered consecutively, keeping their order (the first
+    listed child is the rank-1 child). `roots` lists every level, leaves included (see module docstring).
     """
     n = len(parents)
     if n == 0 or parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i > 0):
@@ -178,17 +214,14 @@ def from_parents(parents: list[int]) -> Growmap:
     while frontier:
         step_roots, step_branches, next_frontier = [], [], []
         for old in frontier:
-            if not children[old]:
-                continue
             step_roots.append(new_id[old])
             step_branches.append(len(children[old]))
             for child in children[old]:
                 new_id[child] = len(new_id)
                 successors[new_id[old]].append(new_id[child])
                 next_frontier.append(child)
-        if step_roots:
-            roots.append(step_roots)
-            branches.append(step_branches)
+        roots.append(step_roots)
+        branches.append(step_branches)
         frontier = next_frontier
     new_parents = [-1] * n
     for node, kids in enumerate(successors):
@@ -228,3 +261,21 @@ def kary_tree(k: int, depth: int) -> Growmap:
                 next_frontier.append(len(parents) - 1)
         frontier = next_frontier
     return from_parents(parents)
+
+
+def format_tree(growmap: Growmap, max_lines: int | None = None) -> str:
+    """The tree as indented text, one node per line: `index (rank k)`, children in rank order."""
+    lines: list[str] = []
+    stack: list[tuple[int, str, str]] = [(0, "", "")]  # (node, prefix for this line, prefix for children)
+    while stack:
+        node, head, tail = stack.pop()
+        parent = int(growmap.parents[node])
+        rank = "" if parent < 0 else f" (rank {growmap.successors[parent].index(node) + 1})"
+        lines.append(f"{head}{node}{rank}")
+        children = growmap.successors[node]
+        for k in range(len(children) - 1, -1, -1):  # pushed in reverse: popped in rank order
+            last = k == len(children) - 1
+            stack.append((children[k], tail + ("`-- " if last else "|-- "), tail + ("    " if last else "|   ")))
+    if max_lines is not None and len(lines) > max_lines:
+        lines = lines[:max_lines] + [f"... {len(lines) - max_lines} more nodes"]
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""Drafters turn draft-model logits into a candidate tree each step.
+
+The draft keeps its own KV cache of the committed tokens. `DraftCache` owns that bookkeeping: before a
+step it appends whatever committed tokens the draft has not seen (the root, plus accepted leaves the draft
+never ran), and after verification it keeps the accepted nodes the draft did run. Tree node i of a step
+sits in slot `root_slot + i` in both the draft and the target cache, at position `root_slot + depth[i]`.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.growmap import Growmap
+from engine.model import TreeModel
+from engine.sampling import Sampling, probs_from_logits, sample_without_replacement
+from engine.tree import CandidateTree
+from engine.tree_mask import causal_mask, tree_attention_mask
+
+
+def append_tokens(model: TreeModel, token_ids: torch.Tensor, start: int, last_logits: bool = True) -> torch.Tensor | None:
+    """Append a causal chunk of committed tokens at slots/positions [start, start + len) and return the
+    last token's logits ([vocab]) if asked."""
+    count = token_ids.shape[0]
+    slots = torch.arange(start, start + count, device=model.device)
+    mask = causal_mask(count, start, model.device)
+    rows = torch.tensor([count - 1], device=model.device) if last_logits else torch.zeros(0, dtype=torch.long, device=model.device)
+    logits = model.forward(token_ids, slots, slots, mask, logits_rows=rows)
+    return logits[0] if last_logits else None
+
+
+class DraftCache:
+    """Which committed tokens the draft's cache holds, and which tree nodes it ran this step."""
+
+    def __init__(self, draft: TreeModel) -> None:
+        self.draft = draft
+        self.cached_len = 0
+        self.root_slot = 0
+        self.ran_nodes: set[int] = set()
+
+    def reset(self) -> None:
+        self.cached_len = 0
+
+    def catch_up(self, committed: torch.Tensor) -> torch.Tensor:
+        """committed: [L] long, all committed tokens (the last one is this step's root).
+        Runs the unseen ones and returns the root's next-token logits [draft vocab]."""
+        length = committed.shape[0]
+        logits = append_tokens(self.draft, committed[self.cached_len:], self.cached_len)
+        self.cached_len = length
+        self.root_slot = length - 1
+        self.ran_nodes = {0}
+        return logits
+
+    def run_nodes(self, nodes: torch.Tensor, tree_tokens: torch.Tensor, depth: torch.Tensor,
+                  ancestors: torch.Tensor, tree_size: int) -> torch.Tensor:
+        """Run tree nodes [r] (their ancestors already ran) and return their logits [r, draft vocab]."""
+        slots = self.root_slot + nodes
+        mask = tree_attention_mask(ancestors[:tree_size, :tree_size], nodes, self.root_slot)
+        self.ran_nodes.update(nodes.tolist())
+        return self.draft.forward(tree_tokens[nodes], self.root_slot + depth[nodes], slots, mask)
+
+    def accept(self, path: list[int]) -> None:
+        """Keep the accepted nodes the draft ran (a prefix of the path: a node runs only after its parent)."""
+        ran = []
+        for node in path:
+            if node not in self.ran_nodes:
+                break
+            ran.append(node)
+        if ran:
+            src = self.root_slot + torch.tensor(ran, device=self.draft.device)
+            self.draft.cache.keep(src, self.root_slot + 1)
+        self.cached_len = self.root_slot + 1 + len(ran)
+
+
+def draft_children(draft: TreeModel, logits: torch.Tensor, count: int, sampling: Sampling, sample_children: bool,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pick `count` distinct children per row. logits: [r, draft vocab].
+
+    Returns child token ids [r, count] (target vocabulary) in rank order and, when sampling children, the
+    draft distributions they were drawn from [r, target vocab] (needed by the speculative-sampling verifier).
+    """
+    if not sample_children:
+        return draft.to_target_ids(logits.topk(count, dim=-1).indices), None
+    probs = probs_from_logits(logits, sampling)
+    picks = sample_without_replacement(probs, count, generator)
+    if draft.output_ids is not None:
+        full = torch.zeros(probs.shape[0], draft.target_vocab_size, device=probs.device)
+        full[:, draft.output_ids] = probs
+        probs = full
+    return draft.to_target_ids(picks), probs
+
+
+class StaticTreeDrafter:
+    """Fills the fixed tree shape of a growmap: growth step s runs the nodes it expands (one batched draft
+    forward) and gives each its top-k (or sampled) children. Sequoia (arXiv 2402.12374) / the original."""
+
+    def __init__(self, draft: TreeModel, growmap: Growmap, sampling: Sampling, sample_children: bool) -> None:
+        device = draft.device
+        self.draft, self.growmap, self.sampling, self.sample_children = draft, growmap, sampling, sample_children
+        self.cache = DraftCache(draft)
+        self.parents = growmap.parents.to(device)
+        self.depth = growmap.depth.to(device)
+        self.ancestors = growmap.mask.to(device)
+        # per growth step: the nodes expanded (root excluded from running: catch_up runs it), their children
+        # laid out [expanded, max_branch] with -1 padding
+        self.steps = []
+        for roots, branches in zip(growmap.roots, growmap.branches):
+            expanded = [node for node, count in zip(roots, branches) if count > 0]
+            if not expanded:
+                continue
+            width = max(len(growmap.successors[node]) for node in expanded)
+            children = [growmap.successors[node] + [-1] * (width - len(growmap.successors[node])) for node in expanded]
+            self.steps.append((torch.tensor(expanded, device=device), torch.tensor(children, device=device), width))
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def propose(self, committed: torch.Tensor, generator: torch.Generator) -> CandidateTree:
+        """committed: [L] long. Returns the filled tree whose root is committed[-1]."""
+        size = self.growmap.size
+        tokens = torch.zeros(size, dtype=torch.long, device=self.draft.device)
+        tokens[0] = committed[-1]
+        root_logits = self.cache.catch_up(committed)
+        draft_probs: dict[int, torch.Tensor] = {}
+        for expanded, children, width in self.steps:
+            if expanded.shape[0] == 1 and int(expanded[0]) == 0:
+                logits = root_logits[None]
+            else:
+                logits = self.cache.run_nodes(expanded, tokens, self.depth, self.ancestors, size)
+            picks, probs = draft_children(self.draft, logits, width, self.sampling, self.sample_children, generator)
+            valid = children >= 0
+            tokens[children[valid]] = picks[valid]
+            if probs is not None:
+                draft_probs.update(zip(expanded.tolist(), probs.unbind(0)))
+        return CandidateTree(tokens, self.parents, self.depth, self.ancestors, draft_probs)
+
+    def accept(self, path: list[int]) -> None:
+        self.cache.accept(path)

@@ -1,0 +1,97 @@
+"""A Llama-family causal LM run over a static KV cache with explicit slots, positions and attention mask.
+
+Weights and rotary embeddings come from a transformers model (Llama 1/2/3, TinyLlama, SmolLM2, Mistral,
+Qwen2: GQA, tied or untied embeddings, q/k/v biases, any RoPE scaling the config names); the forward is
+ours so that the tree mask and the cache slots are explicit arguments, never model state.
+Sliding-window attention (Mistral) is not applied: trees and prompts here stay far below the window.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.kv_cache import KVCache
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class TreeModel:
+    """Runs `forward(token_ids, positions, kv_slots, attn_mask) -> logits` on a preallocated cache.
+
+    A draft may predict over a subset of the target's vocabulary: `input_map` ([target_vocab] long) turns
+    target token ids into its own, and `output_ids` ([own_vocab] long) turns its logits' columns back into
+    target ids. Both are None for a model that shares the target's vocabulary.
+    """
+
+    def __init__(self, hf_model: nn.Module, max_len: int, input_map: torch.Tensor | None = None,
+                 output_ids: torch.Tensor | None = None) -> None:
+        config = hf_model.config
+        self.hf_model = hf_model
+        body = hf_model.model
+        self.embed = body.embed_tokens
+        self.layers = list(body.layers)
+        self.norm = body.norm
+        self.lm_head = hf_model.lm_head
+        self.rotary = body.rotary_emb
+        self.num_heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.vocab_size = self.lm_head.out_features
+        param = next(hf_model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.input_map = None if input_map is None else input_map.to(self.device)
+        self.output_ids = None if output_ids is None else output_ids.to(self.device)
+        self.cache = KVCache(len(self.layers), self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def target_vocab_size(self) -> int:
+        """Size of the vocabulary this model's token ids live in (the target's, for a subset draft)."""
+        return self.vocab_size if self.input_map is None else self.input_map.shape[0]
+
+    def to_target_ids(self, own_ids: torch.Tensor) -> torch.Tensor:
+        return own_ids if self.output_ids is None else self.output_ids[own_ids]
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
+                attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run n new tokens and return their next-token logits.
+
+        token_ids: [n] long target-vocabulary ids; positions: [n] long RoPE positions;
+        kv_slots: [n] long cache slots to write; attn_mask: [n, S] bool over cache slots [0, S)
+        (True = attend; S must cover every slot written); logits_rows: optional [r] long rows to project
+        through the LM head (prefill only needs the last). Returns [n or r, vocab] float32 logits over the
+        model's own vocabulary (map columns with `to_target_ids`).
+        """
+        if self.input_map is not None:
+            token_ids = self.input_map[token_ids]
+        n, kv_len = token_ids.shape[0], attn_mask.shape[1]
+        hidden = self.embed(token_ids)[None]                          # [1, n, d]
+        cos, sin = self.rotary(hidden, positions[None])               # [1, n, head_dim]
+        cos, sin = cos[:, None], sin[:, None]
+        mask = attn_mask[None, None]                                  # [1, 1, n, S]
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(1, n, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.cache.write(index, kv_slots, k[0], v[0])
+            keys, values = self.cache.read(index, kv_len)
+            out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask,
+                                                 enable_gqa=self.kv_heads != self.num_heads)
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(1, n, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = self.norm(hidden[0])
+        if logits_rows is not None:
+            hidden = hidden[logits_rows]
+        return self.lm_head(hidden).float()

@@ -1,0 +1,32 @@
+"""The per-step candidate tree: flat arrays in node order, node 0 the root (the last committed token)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CandidateTree:
+    tokens: torch.Tensor     # [n] long, target-vocabulary ids; tokens[0] is the root
+    parents: torch.Tensor    # [n] long, -1 for the root; parents[i] < i
+    depth: torch.Tensor      # [n] long, root 0
+    ancestors: torch.Tensor  # [n, n] bool, ancestor-or-self
+    # draft distribution each expanded node's children were sampled from ([V] float32, target vocabulary);
+    # filled only when children are sampled (multi-draft speculative sampling needs it)
+    draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+    def children(self) -> list[list[int]]:
+        """Child indices of each node, in drafting order (child rank)."""
+        kids: list[list[int]] = [[] for _ in range(self.size)]
+        for node, parent in enumerate(self.parents.tolist()):
+            if parent >= 0:
+                kids[parent].append(node)
+        return kids
+
+    def nodes_per_depth(self) -> list[int]:
+        return torch.bincount(self.depth).tolist()

@@ -1,0 +1,234 @@
+"""The optimal static tree for an acceptance vector, and the hardware-aware choice of its size and depth.
+
+Sequoia (Chen et al., arXiv 2402.12374, section 3.1) models verification with a *positional acceptance
+vector* p: p[k] is the probability that the k-th drafted child of a node (children drafted in rank order
+1, 2, ...) is the one the target accepts; p[0] is padding and the "none accepted" entry is not part of p.
+Under this model the expected number of tokens a step yields is
+
+    E(tree) = 1 + sum over non-root nodes v of  prod_{u on the path root -> v, u != root} p[rank(u)]
+
+where the 1 stands for the bonus token (the root). Sequoia finds the tree that maximises E for a node
+budget n (root included) and a depth limit of L levels (root included, so tree depth <= L - 1) with a
+dynamic program over (budget, levels, number of children of the root). A node has at most K = len(p) - 1
+children (the ranks p measures), and a node with b children always
+uses ranks 1..b: the drafter's children are its top-b (or first b sampled) tokens, so rank 9 cannot be
+drafted without ranks 1..8 even where p is not decreasing.
+
+Section 3.2 (hardware-aware): pick the budget and depth that minimise the time per generated token,
+(depth * draft_step_time + target_time(n)) / E, because the draft runs one forward per growth step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from engine.growmap import Growmap, from_parents
+
+
+def check_acceptance(p: Sequence[float]) -> np.ndarray:
+    """p as float64 [K + 1] after checking it: 1-D, finite, entries in [0, 1], p[1:] summing to at most 1."""
+    vec = np.asarray(p, dtype=np.float64)
+    if vec.ndim != 1 or vec.shape[0] < 2:
+        raise ValueError("the acceptance vector must be 1-D with padding at index 0 and at least one rank")
+    if not np.all(np.isfinite(vec)) or np.any(vec[1:] < 0) or np.any(vec[1:] > 1):
+        raise ValueError("acceptance vector entries must be probabilities in [0, 1]")
+    if vec[1:].sum() > 1 + 1e-6:
+        raise ValueError(f"acceptance vector ranks 1.. sum to {vec[1:].sum():.4f} > 1; "
+                         "drop the 'none accepted' entry or renormalise")
+    vec = vec.copy()
+    vec[0] = 0.0
+    return vec
+
+
+@dataclass(frozen=True)
+class SearchTable:
+    """Sequoia's DP table for one acceptance vector, every budget up to `max_budget`, every level limit.
+
+    values[L, n]: best expected tokens per step with exactly n nodes and at most L levels (-inf where no
+    such tree exists, i.e. n > 1 with L = 1). Non-decreasing in L; in n too, since p >= 0.
+    """
+    acceptance: np.ndarray   # [K + 1] float64, p[0] = 0
+    values: np.ndarray       # [max_levels + 1, max_budget + 1] float64
+    best_branch: np.ndarray  # [max_levels + 1, max_budget + 1] int: children of the root in the best tree
+    split: np.ndarray        # [max_levels + 1, K + 1, max_budget + 1] int: see `sequoia_dp`
+
+    @property
+    def max_budget(self) -> int:
+        return self.values.shape[1] - 1
+
+    @property
+    def max_levels(self) -> int:
+        return self.values.shape[0] - 1
+
+    def value(self, budget: int, levels: int) -> float:
+        """Best expected tokens per step for `budget` nodes and at most `levels` levels."""
+        self._check(budget, levels)
+        return float(self.values[levels, budget])
+
+    def best_by_budget(self, levels: int | None = None) -> np.ndarray:
+        """[max_budget + 1] best value per budget at the level limit (default: the table's own)."""
+        return self.values[self.max_levels if levels is None else levels].copy()
+
+    def parents(self, budget: int, levels: int) -> list[int]:
+        """Parent list of an optimal tree, breadth-first, each node's children in rank order 1, 2, ..."""
+        self._check(budget, levels)
+        if not math.isfinite(self.values[levels, budget]):
+            raise ValueError(f"no tree of {budget} nodes fits in {levels} level(s)")
+        parents = [-1]
+        queue = [(0, budget, levels)]  # (node id, subtree size, level limit)
+        for node, size, lev in queue:  # the list grows while we walk it: breadth-first
+            b = int(self.best_branch[lev, size])
+            child_sizes = []
+            rest = size
+            for k in range(b, 0, -1):  # child k takes what remains after the root and children 1..k-1
+                kept = int(self.split[lev, k, rest])
+                child_sizes.append(rest - kept)
+                rest = kept
+            assert rest == 1, "DP reconstruction must end at the lone root"
+            for child_size in reversed(child_sizes):  # rank 1 first
+                parents.append(node)
+                queue.append((len(parents) - 1, child_size, lev - 1))
+        return parents
+
+    def tree(self, budget: int, levels: int) -> Growmap:
+        """The optimal tree as a Growmap (canonical order: rank-1 child first)."""
+        return from_parents(self.parents(budget, levels))
+
+    def _check(self, budget: int, levels: int) -> None:
+        if not 1 <= budget <= self.max_budget:
+            raise ValueError(f"budget {budget} outside the table's 1..{self.max_budget}")
+        if not 1 <= levels <= self.max_levels:
+            raise ValueError(f"levels {levels} outside the table's 1..{self.max_levels}")
+
+
+def sequoia_dp(p: Sequence[float], max_budget: int, max_levels: int) -> SearchTable:
+    """Sequoia's dynamic program (arXiv 2402.12374, section 3.1), vectorised over budgets.
+
+    With f[L][m] the best value of a subtree of m nodes and at most L levels, and g[L][b][m] the best
+    value when its root has exactly the children of ranks 1..b,
+        g[L][0][m] = 1 if m == 1 else -inf
+        g[L][b][m] = max_{1 <= y < m} g[L][b-1][y] + p[b] * f[L-1][m - y]   (child b gets m - y nodes)
+        f[L][m]    = max_b g[L][b][m],   f[1] = g[.][0].
+    split[L][b][m] keeps the maximising y for the reconstruction. Cost O(L * K * N^2), vectorised in N^2.
+    """
+    vec = check_acceptance(p)
+    if max_budget < 1 or max_levels < 1:
+        raise ValueError("max_budget and max_levels must be at least 1")
+    ranks = vec.shape[0] - 1
+    n = max_budget + 1
+    neg = -np.inf
+    lone_root = np.full(n, neg)
+    lone_root[1] = 1.0
+    values = np.full((max_levels + 1, n), neg)
+    best_branch = np.zeros((max_levels + 1, n), dtype=np.int64)
+    split = np.zeros((max_levels + 1, ranks + 1, n), dtype=np.int64)
+    values[1] = lone_root
+    # other[m, y] = m - y: the budget the new child gets when the root keeps y; invalid where < 1
+    m_idx = np.arange(n)[:, None]
+    y_idx = np.arange(n)[None, :]
+    other = m_idx - y_idx
+    valid = (other >= 1) & (y_idx >= 1)
+    other = np.clip(other, 0, n - 1)
+    for lev in range(2, max_levels + 1):
+        child = values[lev - 1]  # [n]
+        best = lone_root.copy()
+        g = lone_root
+        for b in range(1, ranks + 1):
+            finite = np.isfinite(child)
+            child_value = np.where(finite, vec[b] * np.where(finite, child, 0.0), neg)  # no 0 * -inf = nan
+            cand = np.where(valid, g[None, :] + child_value[other], neg)  # [m, y]
+            arg = cand.argmax(axis=1)
+            g = cand[np.arange(n), arg]
+            split[lev, b] = arg
+            improve = g > best  # strict: ties keep the fewer children
+            best = np.where(improve, g, best)
+            best_branch[lev] = np.where(improve, b, best_branch[lev])
+        values[lev] = best
+    return SearchTable(vec, values, best_branch, split)
+
+
+def child_ranks(growmap: Growmap) -> list[int]:
+    """Rank of each node among its siblings (1 = first child); 0 for the root."""
+    ranks = [0] * growmap.size
+    for children in growmap.successors:
+        for k, child in enumerate(children, start=1):
+            ranks[child] = k
+    return ranks
+
+
+def path_probabilities(growmap: Growmap, p: Sequence[float]) -> list[float]:
+    """Probability that each node is on the accepted path under the positional model (root: 1)."""
+    vec = check_acceptance(p)
+    ranks = child_ranks(growmap)
+    parents = growmap.parents.tolist()
+    prob = [1.0] * growmap.size
+    for node in range(1, growmap.size):  # parents come before children
+        rank = ranks[node]
+        prob[node] = prob[parents[node]] * (float(vec[rank]) if rank < vec.shape[0] else 0.0)
+    return prob
+
+
+def expected_accepted(growmap: Growmap, p: Sequence[float]) -> float:
+    """Expected tokens per step of any growmap under acceptance vector p (Sequoia's E, bonus included).
+
+    Ranks beyond len(p) - 1 contribute 0.
+    """
+    return float(sum(path_probabilities(growmap, p)))
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    """Measured costs: the target's forward over n tree tokens, and one draft growth step."""
+    target_ms: Mapping[int, float]  # n tree tokens -> milliseconds for one target forward
+    draft_step_ms: float
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One (budget, levels) candidate and its predicted cost."""
+    budget: int
+    levels: int             # level limit given to the DP, root included
+    depth: int              # draft growth steps = levels - 1
+    expected_tokens: float  # per step, bonus token included
+    step_ms: float          # depth * draft_step_ms + target_ms[budget]
+    ms_per_token: float
+    speedup: float          # target_ms[1] * expected_tokens / step_ms, over plain autoregressive decoding
+
+
+@dataclass(frozen=True)
+class HardwareChoice:
+    best: Choice
+    per_budget: list[Choice]  # the best level limit for each measured budget, by budget
+
+
+def choose_budget(table: SearchTable, profile: LatencyProfile) -> HardwareChoice:
+    """Sequoia's hardware-aware choice (section 3.2) over the budgets the profile measured.
+
+    Only budgets present in `profile.target_ms` (and within the table) are candidates: no interpolation.
+    The speedup needs target_ms[1], the cost of one autoregressive step.
+    """
+    if 1 not in profile.target_ms:
+        raise ValueError("the latency profile needs the target time for n = 1 (one autoregressive step)")
+    if profile.draft_step_ms < 0 or any(ms <= 0 for ms in profile.target_ms.values()):
+        raise ValueError("latencies must be positive (draft step time may be 0)")
+    base_ms = float(profile.target_ms[1])
+    per_budget = []
+    for budget in sorted(n for n in profile.target_ms if 1 <= n <= table.max_budget):
+        best: Choice | None = None
+        for levels in range(1, table.max_levels + 1):
+            value = float(table.values[levels, budget])
+            if not math.isfinite(value):
+                continue
+            step_ms = (levels - 1) * profile.draft_step_ms + float(profile.target_ms[budget])
+            cand = Choice(budget, levels, levels - 1, value, step_ms, step_ms / value, base_ms * value / step_ms)
+            if best is None or cand.ms_per_token < best.ms_per_token - 1e-12:
+                best = cand
+        if best is not None:
+            per_budget.append(best)
+    if not per_budget:
+        raise ValueError(f"no measured budget lies within the table's 1..{table.max_budget}")
+    best_overall = min(per_budget, key=lambda c: (c.ms_per_token, c.budget))
+    return HardwareChoice(best_overall, per_budget)

@@ -1,0 +1,36 @@
+"""Static-tree speculative decoding: the draft fills the tree shape of a growmap, the target verifies the
+whole tree in one forward pass. `--Mode baseline` runs the target alone on the same engine; `--Mode benchmark`
+runs both, prompt by prompt, and splits each step's time into drafting, verification and bookkeeping.
+
+Example (the original README's command, with hub models):
+  python test_greedyS.py --model JackFram/llama-68m --target meta-llama/Llama-2-7b-hf --T 0.6 --P 0.9 \
+      --start 0 --end 200 --Mode greedy --M 1024 --growmap ./growmaps/68m_7b-64.pt --dataset cnn
+"""
+from __future__ import annotations
+
+from engine.drafters import StaticTreeDrafter
+from engine.growmap import load_growmap
+from utils.cli import OneLineParser, add_data_flags, add_decoding_flags, add_model_flags, run_cli, validate_common
+from utils.config import DEFAULTS
+from utils.experiment import execute
+
+
+def main() -> None:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], epilog="Results: <results-dir>/test_greedyS-<time>.json "
+                           "(+ .jsonl per prompt); the last output line is 'results: <path>'.")
+    add_model_flags(parser)
+    add_data_flags(parser)
+    add_decoding_flags(parser)
+    parser.add_argument("--growmap", default=DEFAULTS.growmap, help="tree shape (.pt growmap file)")
+    args = parser.parse_args()
+    validate_common(args)
+    growmap = load_growmap(args.growmap)
+    meta = {"growmap": {"path": args.growmap, "size": growmap.size, "depth": growmap.max_depth,
+                        "nodes_per_depth": growmap.nodes_per_depth()}}
+    execute(args, "test_greedyS",
+            lambda pair, sampling, sample_children: StaticTreeDrafter(pair.draft, growmap, sampling, sample_children),
+            growmap.size, meta)
+
+
+if __name__ == "__main__":
+    run_cli(main)

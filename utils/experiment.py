@@ -1,0 +1,205 @@
+"""What every decoding script does between parsing flags and reporting: load the models, run the prompts
+in the chosen mode, and summarise the per-step statistics."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from engine.decoder import DecodeResult, Drafter, StepTimer, autoregressive_generate, check_capacity, speculative_generate
+from engine.model import TreeModel
+from engine.sampling import Sampling
+from utils.data import Prompt
+from utils.errors import UserError
+from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, load_draft_vocab, load_hf_model,
+                          load_tokenizer)
+
+
+@dataclass
+class ModelPair:
+    target: TreeModel
+    draft: TreeModel | None
+    tokenizer: object
+    target_name: str
+    draft_name: str | None
+    eos_ids: set[int]
+
+
+def eos_ids_of(tokenizer, hf_model) -> set[int]:
+    """EOS ids from the tokenizer and the model's generation config (chat models often add one there)."""
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(hf_model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return ids
+
+
+def load_pair(target: str | None, draft: str | None, need_draft: bool, dtype: torch.dtype, device: str,
+              max_len: int) -> ModelPair:
+    """Target, tokenizer and (when needed) draft, as TreeModels with `max_len` cache slots each."""
+    target_name = target or DEFAULT_TARGET
+    tokenizer = load_tokenizer(target)
+    target_hf = load_hf_model(target, dtype, device)
+    target_model = TreeModel(target_hf, max_len)
+    draft_model, draft_name = None, None
+    if need_draft:
+        draft_name = draft or default_draft_for(target)
+        if draft_name is None:
+            raise UserError(f"no default draft for target {target_name}: pass --model (a hub id, a folder such as "
+                            "./outputs/checkpoint-500/, or a .gguf file)")
+        vocab = load_draft_vocab(draft_name)
+        draft_hf = load_hf_model(draft_name, dtype, device)
+        if vocab is None:
+            check_vocab_match(draft_hf.lm_head.out_features, target_model.vocab_size, draft_name, target_name)
+            draft_model = TreeModel(draft_hf, max_len)
+        else:
+            check_vocab_match(vocab.target_vocab_size, target_model.vocab_size, draft_name, target_name)
+            draft_model = TreeModel(draft_hf, max_len, input_map=vocab.input_map(),
+                                    output_ids=torch.tensor(vocab.draft_to_target))
+    return ModelPair(target_model, draft_model, tokenizer, target_name, draft_name, eos_ids_of(tokenizer, target_hf))
+
+
+def generator_for(device: str, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@dataclass
+class PromptRecord:
+    prompt: Prompt
+    result: DecodeResult
+    baseline: DecodeResult | None = None
+
+
+@dataclass
+class RunSettings:
+    mode: str                 # greedy (speculative) | baseline | benchmark (both, alternating)
+    sampling: Sampling
+    verifier: str
+    max_new_tokens: int
+    seed: int
+    record_shapes: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def run_prompts(pair: ModelPair, drafter: Drafter | None, prompts: list[Prompt], settings: RunSettings,
+                tree_size: int) -> list[PromptRecord]:
+    """Decode every prompt in the chosen mode, after one short warm-up so first-call costs stay out."""
+    for prompt in prompts:
+        check_capacity(pair.target, len(prompt.ids), settings.max_new_tokens, tree_size)
+    device = str(pair.target.device)
+
+    def speculative(prompt: Prompt, budget: int, timed: bool) -> DecodeResult:
+        timer = StepTimer(device, enabled=timed)
+        return speculative_generate(pair.target, drafter, prompt.ids, budget, pair.eos_ids, settings.sampling,
+                                    settings.verifier, generator_for(device, settings.seed + prompt.index),
+                                    timer=timer, record_shapes=settings.record_shapes)
+
+    def baseline(prompt: Prompt, budget: int) -> DecodeResult:
+        return autoregressive_generate(pair.target, prompt.ids, budget, pair.eos_ids, settings.sampling,
+                                       generator_for(device, settings.seed + prompt.index))
+
+    warm = prompts[0]
+    if settings.mode != "baseline":
+        speculative(warm, 4, False)
+    if settings.mode != "greedy":
+        baseline(warm, 4)
+    records = []
+    for prompt in tqdm(prompts, desc=settings.mode, unit="prompt", dynamic_ncols=True):
+        if settings.mode == "baseline":
+            records.append(PromptRecord(prompt, baseline(prompt, settings.max_new_tokens)))
+        elif settings.mode == "greedy":
+            records.append(PromptRecord(prompt, speculative(prompt, settings.max_new_tokens, False)))
+        else:
+            result = speculative(prompt, settings.max_new_tokens, True)
+            records.append(PromptRecord(prompt, result, baseline(prompt, settings.max_new_tokens)))
+    return records
+
+
+def summarize(results: list[DecodeResult]) -> dict:
+    """The figures DESIGN.md names, over all prompts."""
+    new_tokens = sum(len(r.output_ids) for r in results)
+    steps = sum(r.target_steps for r in results)
+    seconds = sum(r.seconds for r in results)
+    accepted = [a - 1 for r in results for a in r.accepted_per_step]  # drafted tokens accepted per step
+    deepest = max(accepted, default=0)
+    by_depth = [sum(a >= d for a in accepted) / max(len(accepted), 1) for d in range(1, deepest + 1)]
+    split: dict[str, float] = {}
+    for r in results:
+        for phase, value in r.time_split.items():
+            split[phase] = split.get(phase, 0.0) + value
+    return {
+        "prompts": len(results),
+        "new_tokens": new_tokens,
+        "target_steps": steps,
+        "mean_accepted_tokens": new_tokens / max(steps, 1),
+        "acceptance_by_depth": by_depth,
+        "seconds": seconds,
+        "seconds_per_token": seconds / max(new_tokens, 1),
+        "tokens_per_second": new_tokens / seconds if seconds > 0 else 0.0,
+        "time_split": split,
+    }
+
+
+def describe_args(args: argparse.Namespace) -> dict:
+    return {key: value for key, value in vars(args).items()}
+
+
+def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int, meta: dict) -> None:
+    """The body every decoding script shares: models, prompts, run, summary, result files.
+
+    make_drafter(pair, sampling, sample_children) -> Drafter builds the script's drafter; `meta` adds
+    script-specific settings (growmap, tree budget, ...) to the result JSON.
+    """
+    from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
+    from utils.cli import resolve_dtype
+    from utils.data import load_prompts
+    from utils.report import emit, format_summary, hardware, library_versions, write_results
+
+    dtype = resolve_dtype(args.dtype, args.device)
+    needed = args.prompt_len + args.max_new_tokens + tree_size
+    if needed > args.M:
+        raise UserError(f"--M {args.M} is too small: prompt ({args.prompt_len}) + new tokens ({args.max_new_tokens}) "
+                        f"+ tree ({tree_size}) need {needed} KV slots")
+    sampling = Sampling(args.T, args.P)
+    verifier = "greedy" if sampling.greedy else args.verify
+    pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, args.device, args.M)
+    prompts = load_prompts(args.dataset, pair.tokenizer, args.start, args.end, args.prompt_len)
+    drafter = None if args.Mode == "baseline" else make_drafter(pair, sampling, SAMPLED_CHILDREN[verifier])
+    settings = RunSettings(args.Mode, sampling, verifier, args.max_new_tokens, args.seed,
+                           record_shapes=getattr(args, "record_shapes", False))
+    records = run_prompts(pair, drafter, prompts, settings, tree_size)
+
+    figures = summarize([r.result for r in records])
+    summary = {"script": script, "flags": describe_args(args), "target": pair.target_name, "draft": pair.draft_name,
+               "dtype": str(dtype).removeprefix("torch."), "device": args.device, "versions": library_versions(),
+               "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],
+               "verifier": verifier if args.Mode != "baseline" else "none (autoregressive)",
+               "lossless": LOSSLESS[verifier], **meta, **figures}
+    title = "autoregressive baseline" if args.Mode == "baseline" else f"speculative decoding ({verifier} verification)"
+    emit(format_summary(title, figures))
+    if args.Mode == "benchmark":
+        base = summarize([r.baseline for r in records])
+        summary["baseline"] = base
+        summary["speedup"] = base["seconds_per_token"] / figures["seconds_per_token"]
+        emit(format_summary("autoregressive baseline (same prompts, alternating)", base))
+        emit(f"  speedup                 {summary['speedup']:.2f}x")
+    rows = []
+    for record in records:
+        result = record.result
+        row = {"index": record.prompt.index, "kind": record.prompt.kind, "prompt_ids": record.prompt.ids,
+               "output_ids": result.output_ids,
+               "output_text": pair.tokenizer.decode(result.output_ids, skip_special_tokens=True),
+               "target_steps": result.target_steps, "accepted_per_step": result.accepted_per_step,
+               "seconds": result.seconds}
+        if result.tree_shapes:
+            row["tree_shapes"] = result.tree_shapes
+        if record.baseline is not None:
+            row["baseline_output_ids"] = record.baseline.output_ids
+            row["baseline_seconds"] = record.baseline.seconds
+        rows.append(row)
+    path = write_results(args.results_dir, script, summary, rows)
+    emit(f"results: {path}")

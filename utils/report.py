@@ -1,0 +1,67 @@
+"""Result files and the printed summary (DESIGN.md, "Result files")."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def library_versions() -> dict:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def hardware() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(results_dir: str, script: str, summary: dict, rows: list[dict]) -> Path:
+    """Write `<dir>/<script>-<timestamp>.json` and the per-prompt `.jsonl` beside it; return the JSON path."""
+    folder = Path(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = folder / f"{script}-{stamp}"
+    suffix = 1
+    while base.with_suffix(".json").exists():
+        base = folder / f"{script}-{stamp}-{suffix}"
+        suffix += 1
+    _atomic_write(base.with_suffix(".jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
+    _atomic_write(base.with_suffix(".json"), json.dumps(summary, indent=2, default=str) + "\n")
+    return base.with_suffix(".json")
+
+
+def format_summary(title: str, figures: dict) -> str:
+    lines = [title,
+             f"  prompts                 {figures['prompts']}",
+             f"  new tokens              {figures['new_tokens']}",
+             f"  target steps            {figures['target_steps']}",
+             f"  mean accepted tokens    {figures['mean_accepted_tokens']:.3f} per target step (bonus included)",
+             f"  seconds per token       {figures['seconds_per_token']:.4f}",
+             f"  tokens per second       {figures['tokens_per_second']:.2f}"]
+    split = figures.get("time_split") or {}
+    total = sum(split.values())
+    if total > 0:
+        lines.append("  time split              " + ", ".join(
+            f"{phase} {100 * value / total:.0f}%" for phase, value in split.items()))
+    return "\n".join(lines)
+
+
+def emit(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
