@@ -57,3 +57,23 @@ def build_tiny_tokenizer():
 def tiny_tokenizer():
     """Word-level tokenizer with an unk token, eos `<eos>` and a jinja chat template; built, never downloaded."""
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tiny_tokenizer):
+    """Saved transformers folders: `target` and `draft` share the tiny tokenizer's vocabulary, `other_vocab`
+    does not. Used by the command-line tests of the scripts."""
+    from tests.tiny_models import tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    vocab = len(tiny_tokenizer)
+    dirs = {}
+    for name, model in {"target": tiny_llama(seed=0, vocab=vocab),
+                        "draft": tiny_llama(seed=1, vocab=vocab, hidden=32, layers=1, heads=2, kv_heads=1),
+                        "other_vocab": tiny_llama(seed=2, vocab=vocab + 7, hidden=32, layers=1, heads=2, kv_heads=1)}.items():
+        folder = root / name
+        model.generation_config.eos_token_id = tiny_tokenizer.eos_token_id
+        model.save_pretrained(folder)
+        tiny_tokenizer.save_pretrained(folder)
+        dirs[name] = str(folder)
+    return dirs

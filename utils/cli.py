@@ -101,7 +101,14 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main(); a UserError or GrowmapError becomes one line on stderr and exit status 2."""
+    """Run a script's main(); a UserError or GrowmapError becomes one line on stderr and exit status 2.
+
+    transformers' own progress bars and advisory warnings are silenced so stderr stays readable.
+    """
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
         main()
     except (UserError, GrowmapError) as exc:

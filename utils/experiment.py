@@ -39,10 +39,10 @@ def eos_ids_of(tokenizer, hf_model) -> set[int]:
 
 
 def load_pair(target: str | None, draft: str | None, need_draft: bool, dtype: torch.dtype, device: str,
-              max_len: int) -> ModelPair:
+              max_len: int, tokenizer=None) -> ModelPair:
     """Target, tokenizer and (when needed) draft, as TreeModels with `max_len` cache slots each."""
     target_name = target or DEFAULT_TARGET
-    tokenizer = load_tokenizer(target)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
     target_hf = load_hf_model(target, dtype, device)
     target_model = TreeModel(target_hf, max_len)
     draft_model, draft_name = None, None
@@ -166,8 +166,9 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
                         f"+ tree ({tree_size}) need {needed} KV slots")
     sampling = Sampling(args.T, args.P)
     verifier = "greedy" if sampling.greedy else args.verify
-    pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, args.device, args.M)
-    prompts = load_prompts(args.dataset, pair.tokenizer, args.start, args.end, args.prompt_len)
+    tokenizer = load_tokenizer(args.target)
+    prompts = load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len)  # fail fast on bad data
+    pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, args.device, args.M, tokenizer)
     drafter = None if args.Mode == "baseline" else make_drafter(pair, sampling, SAMPLED_CHILDREN[verifier])
     settings = RunSettings(args.Mode, sampling, verifier, args.max_new_tokens, args.seed,
                            record_shapes=getattr(args, "record_shapes", False))

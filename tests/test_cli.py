@@ -1,0 +1,102 @@
+"""test_greedyS.py end to end on tiny saved models, and every bad input as one line on stderr, exit 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import growmap as G
+from utils.models import REPO_ROOT
+
+SCRIPT = str(REPO_ROOT / "test_greedyS.py")
+
+
+def run_script(*args: str, script: str = SCRIPT, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO_ROOT, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                              "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false"})
+
+
+@pytest.fixture(scope="module")
+def tiny_args(tiny_model_dirs, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    return ["--target", tiny_model_dirs["target"], "--model", tiny_model_dirs["draft"], "--end", "3",
+            "--max-new-tokens", "12", "--prompt-len", "24", "--growmap", str(REPO_ROOT / "growmaps" / "4x8-tree.pt"),
+            "--results-dir", str(results)]
+
+
+def results_of(completed: subprocess.CompletedProcess) -> tuple[dict, list[dict]]:
+    last = completed.stdout.strip().splitlines()[-1]
+    assert last.startswith("results: ")
+    path = Path(last.removeprefix("results: "))
+    rows = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
+    return json.loads(path.read_text()), rows
+
+
+def test_speculative_equals_baseline_and_writes_results(tiny_args):
+    spec = run_script(*tiny_args)
+    assert spec.returncode == 0, spec.stderr
+    base = run_script(*tiny_args, "--Mode", "baseline")
+    assert base.returncode == 0, base.stderr
+    spec_summary, spec_rows = results_of(spec)
+    _, base_rows = results_of(base)
+    assert [r["output_ids"] for r in spec_rows] == [r["output_ids"] for r in base_rows]
+    for key in ("prompts", "new_tokens", "target_steps", "mean_accepted_tokens", "acceptance_by_depth",
+                "seconds_per_token", "tokens_per_second", "time_split", "flags", "versions", "growmap", "lossless"):
+        assert key in spec_summary
+    assert spec_summary["prompts"] == 3
+    assert set(spec_rows[0]) >= {"index", "prompt_ids", "output_ids", "output_text", "target_steps", "accepted_per_step"}
+    assert "mean accepted tokens" in spec.stdout
+
+
+def test_benchmark_mode_reports_speedup_and_split(tiny_args):
+    bench = run_script(*tiny_args, "--Mode", "benchmark", "--T", "0.8")
+    assert bench.returncode == 0, bench.stderr
+    summary, rows = results_of(bench)
+    assert set(summary["time_split"]) == {"drafting", "verification", "bookkeeping"}
+    assert summary["speedup"] > 0 and "baseline" in summary
+    assert "baseline_output_ids" in rows[0]
+
+
+def _bad_growmap(tmp_path: Path) -> str:
+    data = G.chain(3).to_dict()
+    data["depth"] = torch.tensor([0, 1, 1, 3])
+    path = tmp_path / "bad.pt"
+    torch.save(data, path)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing growmap": (["--growmap", "no/such/file.pt"], "growmap file not found"),
+    "malformed growmap": (["--growmap", "{bad}"], "'depth'"),
+    "growmap too large for M": (["--M", "40"], "--M 40 is too small"),
+    "start >= end": (["--start", "3", "--end", "3"], "--start (3) must be smaller than --end (3)"),
+    "start past dataset": (["--start", "500", "--end", "510"], "500"),
+    "negative T": (["--T", "-0.5"], "--T must be >= 0"),
+    "P above 1": (["--P", "1.5"], "--P must be in (0, 1]"),
+    "P zero": (["--P", "0"], "--P must be in (0, 1]"),
+    "unknown dataset": (["--dataset", "nosuchset"], "nosuchset"),
+    "missing model path": (["--model", "./no/such/draft"], "does not exist"),
+    "vocab mismatch": (["--model", "{other_vocab}"], "vocabulary"),
+    "cuda without gpu": (["--device", "cuda"], "no CUDA GPU"),
+    "bad flag value": (["--end", "ten"], "invalid int value"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2(case, tiny_args, tiny_model_dirs, tmp_path):
+    if case == "cuda without gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    extra, expected = BAD_INPUTS[case]
+    extra = [value.replace("{bad}", _bad_growmap(tmp_path) if "{bad}" in value else "")
+             .replace("{other_vocab}", tiny_model_dirs["other_vocab"]) if "{" in value else value for value in extra]
+    completed = run_script(*tiny_args, *extra)
+    assert completed.returncode == 2, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in completed.stderr
