@@ -38,29 +38,36 @@ def eos_ids_of(tokenizer, hf_model) -> set[int]:
     return ids
 
 
+def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dtype: torch.dtype, device: str,
+               max_len: int) -> tuple[str, TreeModel]:
+    """A draft for an already loaded target (full or subset vocabulary), as (name, TreeModel).
+
+    spec None means the suite's own draft for the target; a vocabulary that does not match is refused.
+    """
+    target_name = target_spec or DEFAULT_TARGET
+    name = spec or default_draft_for(target_spec)
+    if name is None:
+        raise UserError(f"no default draft for target {target_name}: pass --model (a hub id, a folder such as "
+                        "./outputs/checkpoint-500/, or a .gguf file)")
+    vocab = load_draft_vocab(name)
+    hf_model = load_hf_model(name, dtype, device)
+    if vocab is None:
+        check_vocab_match(hf_model.lm_head.out_features, target.vocab_size, name, target_name)
+        return name, TreeModel(hf_model, max_len)
+    check_vocab_match(vocab.target_vocab_size, target.vocab_size, name, target_name)
+    return name, TreeModel(hf_model, max_len, input_map=vocab.input_map(),
+                           output_ids=torch.tensor(vocab.draft_to_target))
+
+
 def load_pair(target: str | None, draft: str | None, need_draft: bool, dtype: torch.dtype, device: str,
               max_len: int, tokenizer=None) -> ModelPair:
     """Target, tokenizer and (when needed) draft, as TreeModels with `max_len` cache slots each."""
-    target_name = target or DEFAULT_TARGET
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
     target_hf = load_hf_model(target, dtype, device)
     target_model = TreeModel(target_hf, max_len)
-    draft_model, draft_name = None, None
-    if need_draft:
-        draft_name = draft or default_draft_for(target)
-        if draft_name is None:
-            raise UserError(f"no default draft for target {target_name}: pass --model (a hub id, a folder such as "
-                            "./outputs/checkpoint-500/, or a .gguf file)")
-        vocab = load_draft_vocab(draft_name)
-        draft_hf = load_hf_model(draft_name, dtype, device)
-        if vocab is None:
-            check_vocab_match(draft_hf.lm_head.out_features, target_model.vocab_size, draft_name, target_name)
-            draft_model = TreeModel(draft_hf, max_len)
-        else:
-            check_vocab_match(vocab.target_vocab_size, target_model.vocab_size, draft_name, target_name)
-            draft_model = TreeModel(draft_hf, max_len, input_map=vocab.input_map(),
-                                    output_ids=torch.tensor(vocab.draft_to_target))
-    return ModelPair(target_model, draft_model, tokenizer, target_name, draft_name, eos_ids_of(tokenizer, target_hf))
+    draft_name, draft_model = load_draft(draft, target, target_model, dtype, device, max_len) if need_draft else (None, None)
+    return ModelPair(target_model, draft_model, tokenizer, target or DEFAULT_TARGET, draft_name,
+                     eos_ids_of(tokenizer, target_hf))
 
 
 def generator_for(device: str, seed: int) -> torch.Generator:

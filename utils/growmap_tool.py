@@ -1,9 +1,12 @@
-"""Build, search and inspect growmaps (static tree shapes): `python -m utils.growmap_tool <command> --help`.
+"""Build, search and inspect growmaps (static tree shapes), and measure what the search needs:
+`python -m utils.growmap_tool <command> --help`.
 
   build chain K | wxd W D | kary K D | parents "0,0,1,..."  -o out.pt
   search --acceptance vec.json --budget 64 --max-depth 10 -o out.pt        Sequoia's optimal tree
   search --acceptance vec.json --latency lat.json [--draft-ms X] -o out.pt  ... sized for the hardware
   inspect file.pt [--acceptance vec.json] [--png out.png]
+  acceptance --model D --target T --dataset X --T 0 --width 32 -o vec.pt   measure the pair's acceptance vector
+  latency --model D --target T --device cpu --sizes 1,2,4,...,256 -o lat.json   measure the hardware's costs
 
 Every written growmap gets a JSON beside it (same name, .json) saying how it was made.
 Bad input: one line on stderr, exit status 2.
@@ -15,7 +18,9 @@ import json
 import math
 import os
 import shlex
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +28,7 @@ import torch
 
 from engine.growmap import Growmap, GrowmapError, chain, format_tree, from_parents, kary_tree, load_growmap, \
     save_growmap, wxd_tree
-from engine.tree_search import LatencyProfile, SearchTable, check_acceptance, choose_budget, expected_accepted, \
+from engine.tree_search import LatencyProfile, check_acceptance, choose_budget, expected_accepted, \
     sequoia_dp
 from utils.errors import UserError
 
@@ -320,6 +325,267 @@ def draw_png(growmap: Growmap, path: Path, title: str, predicted: float | None =
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- measuring: shared
+
+DEFAULT_SIZES = "1,2,4,8,16,32,64,128,256"
+DEFAULT_DRAFT_SIZES = "1,2,4,8"
+DRAFT_TOPK = 8  # children picked per expanded node in a timed draft step (a top-k over the draft's logits)
+SEQUOIA_BUDGETS = (16, 32, 64, 128)  # budgets whose best predicted tokens/step the acceptance record quotes
+SEQUOIA_LEVELS = 10
+
+
+def _load_models(args: argparse.Namespace, max_len: int):
+    """(ModelPair, device, dtype) for --target/--model/--device/--dtype, each model with max_len cache slots."""
+    import transformers
+
+    from utils.cli import resolve_device, resolve_dtype
+    from utils.experiment import load_pair
+
+    transformers.utils.logging.set_verbosity_error()  # as utils.cli.run_cli: keep stderr to our own lines
+    transformers.utils.logging.disable_progress_bar()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    return load_pair(args.target, args.model, True, dtype, device, max_len), device, dtype
+
+
+def _environment(device: str, dtype: torch.dtype) -> dict:
+    """Where a measurement ran: device, dtype, threads, hardware, library versions and the date."""
+    from utils.report import hardware, library_versions
+
+    return {"device": device, "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "hardware": hardware(), "versions": library_versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- measuring: acceptance vector
+
+def teacher_forced_logits(model, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """One causal forward of a TreeModel over tokens [L] (slots and positions 0..L-1) -> logits [r, V] of
+    `rows` over the target vocabulary (-inf on tokens a vocabulary-subset draft cannot propose)."""
+    from engine.tree_mask import causal_mask
+
+    length = tokens.shape[0]
+    slots = torch.arange(length, device=model.device)
+    logits = model.forward(tokens, slots, slots, causal_mask(length, 0, model.device), logits_rows=rows)  # [r, own V]
+    if model.output_ids is None:
+        return logits
+    full = logits.new_full((logits.shape[0], model.target_vocab_size), float("-inf"))
+    full[:, model.output_ids] = logits
+    return full
+
+
+def prompt_counts(pair, prompt_ids: list[int], steps: int, width: int, sampling, generator: torch.Generator) -> torch.Tensor:
+    """Acceptance counts [W + 2] along the target's own continuation (<= `steps` tokens) of one prompt.
+
+    Position t has context prompt + continuation[:t]; one teacher-forced forward of each model over
+    prompt + continuation[:-1] gives every position's distribution at once.
+    """
+    from engine.acceptance import acceptance_counts
+    from engine.decoder import autoregressive_generate
+
+    device = pair.target.device
+    continuation = autoregressive_generate(pair.target, prompt_ids, steps, pair.eos_ids, sampling, generator).output_ids
+    tokens = torch.tensor(prompt_ids + continuation[:-1], dtype=torch.long, device=device)  # [L]
+    rows = torch.arange(len(prompt_ids) - 1, tokens.shape[0], device=device)               # [len(continuation)]
+    target_logits = teacher_forced_logits(pair.target, tokens, rows)                        # [n, V]
+    draft_logits = teacher_forced_logits(pair.draft, tokens, rows)                          # [n, V]
+    return acceptance_counts(target_logits, draft_logits, width, sampling, generator)
+
+
+def _check_measure_flags(args: argparse.Namespace) -> None:
+    if args.T < 0:
+        raise UserError(f"--T must be >= 0, got {args.T}")
+    if not 0.0 < args.P <= 1.0:
+        raise UserError(f"--P must be in (0, 1], got {args.P}")
+    if args.start < 0 or args.start >= args.end:
+        raise UserError(f"need 0 <= --start < --end, got {args.start} and {args.end}")
+    _positive("--prompt-len", args.prompt_len)
+
+
+def cmd_acceptance(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Sequoia's acceptance vector of a draft/target pair (arXiv 2402.12374, section 3.1), measured."""
+    from tqdm import tqdm
+
+    from engine.acceptance import acceptance_vector, none_fraction
+    from engine.decoder import check_capacity
+    from engine.sampling import Sampling
+    from utils.data import load_prompts
+    from utils.experiment import generator_for
+
+    out = _out_path(args.output)
+    _check_measure_flags(args)
+    width = _positive("--width", args.width)
+    steps = _positive("--steps-per-prompt", args.steps_per_prompt)
+    pair, device, dtype = _load_models(args, args.prompt_len + steps)
+    if width > pair.target.vocab_size:
+        raise UserError(f"--width {width} exceeds the vocabulary ({pair.target.vocab_size} tokens)")
+    prompts = load_prompts(args.dataset, pair.tokenizer, args.start, args.end, args.prompt_len)
+    sampling = Sampling(args.T, args.P)
+    counts = torch.zeros(width + 2, dtype=torch.long)
+    for prompt in tqdm(prompts, desc="acceptance", unit="prompt", dynamic_ncols=True):
+        try:
+            check_capacity(pair.target, len(prompt.ids), steps, 0)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        counts += prompt_counts(pair, prompt.ids, steps, width, sampling, generator_for(device, args.seed + prompt.index))
+    vec = acceptance_vector(counts)  # [W + 1], index 0 padding, 'none accepted' dropped
+    none = none_fraction(counts)
+    table = sequoia_dp(vec.tolist(), max(SEQUOIA_BUDGETS), SEQUOIA_LEVELS)
+    best = {str(n): table.value(n, SEQUOIA_LEVELS) for n in SEQUOIA_BUDGETS}
+    record = {
+        "description": "Positional acceptance vector: acceptance[k] = fraction of positions where the k-th drafted "
+                       "child was accepted. Index 0 is padding; the 'none accepted' fraction is none_accepted "
+                       "(Sequoia's vector = acceptance + [none_accepted]).",
+        "made_by": _command(argv), "method": "Sequoia (arXiv 2402.12374): along the target's own continuation",
+        "target": pair.target_name, "draft": pair.draft_name, "dataset": args.dataset, "range": [args.start, args.end],
+        "prompts": len(prompts), "prompt_len": args.prompt_len, "steps_per_prompt": steps,
+        "positions": int(counts.sum()), "T": args.T, "P": args.P, "width": width, "seed": args.seed,
+        "rule": "greedy: child == target argmax" if sampling.greedy else
+                "SpecInfer/Sequoia: children sampled without replacement from the draft, accept min(1, p/q)",
+        "acceptance": vec.tolist(), "none_accepted": none, "counts": counts.tolist(),
+        "counts_layout": "[0 (padding), accepted at rank 1..W, none accepted]",
+        f"sequoia_best_tokens_per_step_{SEQUOIA_LEVELS}_levels": best,
+        **_environment(device, dtype),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(vec, out)
+    _write_json(out.with_suffix(".json"), record)
+    shown = " ".join(f"{x:.4f}" for x in vec[1:9].tolist())
+    print(f"{record['positions']} positions over {len(prompts)} prompts; p[1..{min(width, 8)}] = {shown}; "
+          f"ranks sum {float(vec.sum()):.4f}, none accepted {none:.4f}")
+    print("Sequoia's best tree at 10 levels: " + ", ".join(f"{n} nodes {v:.3f}" for n, v in best.items()) + " tokens/step")
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+# ---------------------------------------------------------------- measuring: latency profile
+
+def parse_sizes(text: str, flag: str) -> list[int]:
+    """ "1,2,4,..." -> sorted distinct positive sizes (each at most MAX_NODES)."""
+    try:
+        sizes = sorted({int(x) for x in text.replace(" ", "").split(",") if x != ""})
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not sizes or sizes[0] < 1 or sizes[-1] > MAX_NODES:
+        raise UserError(f"{flag} sizes must lie in 1..{MAX_NODES}, got {text!r}")
+    return sizes
+
+
+def tree_inputs(size: int, prefix: int, vocab: int, shape: str, generator: torch.Generator,
+                device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token_ids [n], positions [n], kv_slots [n], attn_mask [n, prefix + n]) of a tree of n nodes placed
+    after `prefix` cached tokens, as the decoder feeds it. shape "random": node i's parent is uniform in
+    0..i-1 (a random recursive tree); "chain": node i's parent is i - 1."""
+    from engine.tree_mask import ancestor_mask_from_parents, tree_attention_mask
+
+    ids = torch.arange(size)
+    if shape == "chain":
+        parents = ids - 1
+    else:
+        parents = (torch.rand(size, generator=generator) * ids).long()  # [n], node 0 gets 0: fixed below
+        parents[0] = -1
+    ancestors = ancestor_mask_from_parents(parents)                    # [n, n] bool
+    depth = ancestors.sum(dim=-1) - 1                                  # [n]
+    tokens = torch.randint(0, vocab, (size,), generator=generator)
+    mask = tree_attention_mask(ancestors, ids, prefix)                 # [n, prefix + n]
+    return tokens.to(device), (prefix + depth).to(device), (prefix + ids).to(device), mask.to(device)
+
+
+def _timed_ms(call, device: str) -> float:
+    """Wall time of call() in ms, synchronising CUDA before and after."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def time_round_robin(calls: dict[str, object], repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
+    """Every call `warmup` times untimed, then `repeats` timed rounds, each round running every call once
+    (interleaved, so a slow spell on a shared machine spreads over all sizes instead of hitting one)."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    timings: dict[str, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            timings[key].append(_timed_ms(call, device))
+    return timings
+
+
+def _target_call(model, inputs):
+    tokens, positions, slots, mask = inputs
+    return lambda: model.forward(tokens, positions, slots, mask)
+
+
+def _draft_call(model, inputs):
+    """One draft growth step: the forward over the frontier and the top-k children of each node."""
+    tokens, positions, slots, mask = inputs
+    k = min(DRAFT_TOPK, model.vocab_size)
+    return lambda: model.to_target_ids(model.forward(tokens, positions, slots, mask).topk(k, dim=-1).indices)
+
+
+def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Sequoia's hardware profile (arXiv 2402.12374, section 3.2): target forward time per tree size, draft step time."""
+    from engine.drafters import append_tokens
+
+    out = Path(args.output)
+    if out.suffix != ".json":
+        raise UserError(f"output must be a .json file: {args.output}")
+    sizes = sorted(set(parse_sizes(args.sizes, "--sizes")) | {1})  # n = 1 (autoregressive) is always needed
+    draft_sizes = sorted(set(parse_sizes(args.draft_sizes, "--draft-sizes")) | {_positive("--draft-frontier", args.draft_frontier)})
+    repeats, warmup = _positive("--repeats", args.repeats), args.warmup
+    if warmup < 0 or args.prefix < 0:
+        raise UserError("--warmup and --prefix must be >= 0")
+    if args.threads is not None:
+        torch.set_num_threads(_positive("--threads", args.threads))
+    pair, device, dtype = _load_models(args, args.prefix + max(sizes + draft_sizes))
+    generator = torch.Generator().manual_seed(args.seed)
+    vocab = pair.target.vocab_size
+    prefix_ids = torch.randint(0, vocab, (args.prefix,), generator=generator).to(device)
+    calls = {}
+    for model, kind, kind_sizes, make in ((pair.target, "target", sizes, _target_call),
+                                          (pair.draft, "draft", draft_sizes, _draft_call)):
+        if args.prefix:
+            append_tokens(model, prefix_ids, 0, last_logits=False)
+        for n in kind_sizes:
+            calls[f"{kind}:{n}"] = make(model, tree_inputs(n, args.prefix, vocab, args.tree, generator, device))
+    timings = time_round_robin(calls, repeats, warmup, device)
+    per = {kind: {key.split(":")[1]: ms for key, ms in timings.items() if key.startswith(kind + ":")}
+           for kind in ("target", "draft")}
+    median = {kind: {n: statistics.median(ms) for n, ms in rows.items()} for kind, rows in per.items()}
+    record = {
+        "description": "target_ms[n]: one target forward over a tree of n tokens (root included) after `prefix` "
+                       "cached tokens; draft_step_ms: one draft growth step (forward over draft_frontier nodes + "
+                       f"top-{DRAFT_TOPK}). Medians of `repeats` timed runs after `warmup` untimed ones, sizes "
+                       "interleaved round-robin. Read by `growmap_tool search --latency`.",
+        "made_by": _command(argv), "target": pair.target_name, "draft": pair.draft_name,
+        "target_ms": median["target"], "draft_step_ms": median["draft"][str(args.draft_frontier)],
+        "draft_frontier": args.draft_frontier, "draft_ms": median["draft"],
+        "timings_ms": per, "prefix": args.prefix, "tree": args.tree, "repeats": repeats, "warmup": warmup,
+        "seed": args.seed, **_environment(device, dtype),
+    }
+    _write_json(out, record)
+    print(f"{'tokens':>6} {'target ms':>10} {'min':>8} {'max':>8}")
+    for n, ms in per["target"].items():
+        print(f"{n:>6} {median['target'][n]:>10.3f} {min(ms):>8.3f} {max(ms):>8.3f}")
+    print("draft step ms by frontier: " + ", ".join(f"{n}: {v:.3f}" for n, v in median["draft"].items())
+          + f"; draft_step_ms = {record['draft_step_ms']:.3f} (frontier {args.draft_frontier})")
+    noisy = [f"{kind} {n}" for kind, rows in per.items() for n, ms in rows.items() if median[kind][n] > 1.25 * min(ms)]
+    if noisy:
+        print(f"note: median more than 25% above the fastest run for {', '.join(noisy)}: the machine looks busy; "
+              "rerun on an idle one (or with more --repeats)")
+    print(f"wrote {out} ({record['device']}, {record['dtype']}, {record['threads']} threads)")
+
+
 # ---------------------------------------------------------------- argparse
 
 def _add_acceptance(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -333,7 +599,8 @@ def _add_acceptance(parser: argparse.ArgumentParser, required: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m utils.growmap_tool", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{build,search,inspect}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{build,search,inspect,acceptance,latency}")
 
     build = commands.add_parser("build", help="build a chain, W chains of D, a k-ary tree, or a tree from parents")
     shapes = build.add_subparsers(dest="shape", required=True, metavar="{chain,wxd,kary,parents}")
@@ -372,13 +639,67 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--png", help="also draw the tree to this PNG")
     inspect.add_argument("--max-lines", type=int, default=300, help="longest text tree to print (default 300)")
     _add_acceptance(inspect, required=False)
+    _add_acceptance_command(commands)
+    _add_latency_command(commands)
     return parser
+
+
+def _add_acceptance_command(commands) -> None:
+    from utils.cli import add_model_flags
+    from utils.config import DEFAULTS
+
+    sub = commands.add_parser(
+        "acceptance", help="measure Sequoia's acceptance vector of a draft/target pair (-> search --acceptance)",
+        description="Walk along the target's own continuation of each prompt (greedy at T = 0, sampled at T > 0); "
+                    "at each position draw W children from the draft (top-W at T = 0, sampled without replacement "
+                    "at T > 0) and apply the verification rule. acceptance[k] = fraction of positions whose k-th "
+                    "child was accepted (Sequoia, arXiv 2402.12374). Writes a .pt (1-D tensor, index 0 padding, "
+                    "'none accepted' dropped) and a .json record beside it; both feed search --acceptance as they are.")
+    add_model_flags(sub)
+    sub.add_argument("--dataset", default=DEFAULTS.dataset,
+                     help="builtin, cnn, openwebtext, c4, mtbench, or a .json/.jsonl/.txt file or save_to_disk folder")
+    sub.add_argument("--start", type=int, default=DEFAULTS.start, help="first prompt index (inclusive)")
+    sub.add_argument("--end", type=int, default=DEFAULTS.end, help="last prompt index (exclusive)")
+    sub.add_argument("--prompt-len", type=int, default=DEFAULTS.prompt_len, help="prompt tokens kept per row")
+    sub.add_argument("--T", type=float, default=DEFAULTS.T, help="temperature; 0 = greedy")
+    sub.add_argument("--P", type=float, default=DEFAULTS.P, help="top-p nucleus mass in (0, 1], used when T > 0")
+    sub.add_argument("--width", type=int, default=32, help="children drafted per position (ranks measured); default 32")
+    sub.add_argument("--steps-per-prompt", type=int, default=DEFAULTS.max_new_tokens,
+                     help=f"continuation tokens (positions) per prompt; default {DEFAULTS.max_new_tokens}")
+    sub.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed; prompt i uses seed + i")
+    sub.add_argument("-o", "--output", required=True, help="vector to write (.pt); a .json record goes beside it")
+
+
+def _add_latency_command(commands) -> None:
+    from utils.cli import add_model_flags
+
+    sub = commands.add_parser(
+        "latency", help="time the target per tree size and one draft step (-> search --latency)",
+        description="Time one target forward over n tree tokens after --prefix cached tokens for each n in --sizes, "
+                    "and one draft growth step for each frontier in --draft-sizes; medians after warm-up "
+                    "(Sequoia's hardware-aware search, arXiv 2402.12374 section 3.2). Run it on an idle machine.")
+    add_model_flags(sub)
+    sub.add_argument("--sizes", default=DEFAULT_SIZES, help=f"tree sizes n (root included) to time; 1 is always "
+                                                            f"added; default {DEFAULT_SIZES}")
+    sub.add_argument("--draft-sizes", default=DEFAULT_DRAFT_SIZES,
+                     help=f"draft frontier sizes (nodes per growth step) to time; default {DEFAULT_DRAFT_SIZES}")
+    sub.add_argument("--draft-frontier", type=int, default=4,
+                     help="the frontier size whose time becomes draft_step_ms (added to --draft-sizes); default 4")
+    sub.add_argument("--prefix", type=int, default=128, help="committed tokens already in the cache; default 128")
+    sub.add_argument("--tree", choices=("random", "chain"), default="random",
+                     help="random: node i's parent uniform in 0..i-1; chain: a line (default random)")
+    sub.add_argument("--repeats", type=int, default=7, help="timed runs per size (median reported); default 7")
+    sub.add_argument("--warmup", type=int, default=2, help="untimed runs per size first; default 2")
+    sub.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the random trees and tokens")
+    sub.add_argument("-o", "--output", required=True, help="latency profile to write (.json)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    handlers = {"build": cmd_build, "search": cmd_search, "inspect": cmd_inspect}
+    handlers = {"build": cmd_build, "search": cmd_search, "inspect": cmd_inspect,
+                "acceptance": cmd_acceptance, "latency": cmd_latency}
     try:
         handlers[args.command](args, argv)
     except (UserError, GrowmapError) as exc:

