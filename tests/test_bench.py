@@ -1,0 +1,141 @@
+"""utils.bench end to end on a tiny saved pair (subset-vocabulary draft, so the assisted wrapper runs), and its
+pure pieces: statistics, rotation, the tie check, the table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_models import tiny_llama
+from utils import bench
+from utils.bench_methods import METHODS, Run, rotated
+from utils.models import REPO_ROOT, DraftVocab
+
+FIGURE_KEYS = {"tokens_per_second", "ms_per_token", "mean_accepted_tokens", "speedup_vs_generate",
+               "matches_generate"}
+
+
+@pytest.fixture(scope="module")
+def subset_pair(tmp_path_factory, tiny_tokenizer) -> dict[str, str]:
+    """A tiny target over the tokenizer's vocabulary and a draft predicting a 64-token subset of it."""
+    root = tmp_path_factory.mktemp("bench_models")
+    vocab = len(tiny_tokenizer)
+    subset = sorted(torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:64].tolist())
+    eos = tiny_tokenizer.eos_token_id
+    subset = subset if eos in subset else sorted(subset[1:] + [eos])
+    models = {"target": tiny_llama(seed=0, vocab=vocab),
+              "draft": tiny_llama(seed=1, vocab=len(subset), hidden=32, layers=1, heads=2, kv_heads=1)}
+    dirs = {}
+    for name, model in models.items():
+        folder = root / name
+        model.generation_config.eos_token_id = eos
+        model.save_pretrained(folder)
+        tiny_tokenizer.save_pretrained(folder)
+        dirs[name] = str(folder)
+    DraftVocab(vocab, subset, oov_input_id=0).save(dirs["draft"])
+    return dirs
+
+
+def run_bench(capsys, *args: str) -> tuple[dict, list[dict], str]:
+    bench.main(list(args))
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("results: ")
+    path = Path(last.removeprefix("results: "))
+    rows = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
+    return json.loads(path.read_text()), rows, out
+
+
+def test_bench_end_to_end_greedy_matches_generate(subset_pair, tmp_path, capsys):
+    summary, rows, out = run_bench(
+        capsys, "--target", subset_pair["target"], "--model", subset_pair["draft"], "--end", "2",
+        "--max-new-tokens", "8", "--prompt-len", "24", "--growmap", str(REPO_ROOT / "growmaps" / "4x8-tree.pt"),
+        "--hf-dtype", "float32", "--results-dir", str(tmp_path))
+    assert set(summary["methods"]) == set(METHODS)
+    for name, figures in summary["methods"].items():
+        assert FIGURE_KEYS <= set(figures), name
+        if figures.get("skipped"):
+            assert name == "dynamic_tree"
+            continue
+        assert figures["matches_generate"] is True, name
+        assert figures["exact_matches"] == 2, name
+        assert figures["tokens_per_second"] > 0 and figures["ms_per_token"] > 0
+        assert figures["mean_accepted_tokens"] >= 1.0 - 1e-9
+    assert summary["methods"]["generate"]["speedup_vs_generate"] == pytest.approx(1.0)
+    assert summary["methods"]["generate"]["mean_accepted_tokens"] == pytest.approx(1.0)
+    assert summary["divergences"] == []
+    assert summary["assistant"]["draft_vocab_size"] == 64
+    for key in ("versions", "hardware", "dtype", "hf_dtype", "flags", "growmap", "sampling"):
+        assert key in summary
+    assert summary["hardware"]["threads"] >= 1
+    assert len(rows) == 2 and set(rows[0]["outputs"]) >= {"generate", "assisted", "baseline"}
+    assert Path(out.split("chart: ")[1].splitlines()[0]).stat().st_size > 0
+    assert "speedup" in out and "assisted: the draft predicts 64" in out
+
+
+def test_hf_dtype_auto_times_both_and_sampling_runs(subset_pair, tmp_path, capsys):
+    summary, _, _ = run_bench(
+        capsys, "--target", subset_pair["target"], "--model", subset_pair["draft"], "--end", "1",
+        "--max-new-tokens", "4", "--prompt-len", "16", "--growmap", str(REPO_ROOT / "growmaps" / "4-chain.pt"),
+        "--methods", "prompt_lookup,static_tree", "--T", "0.8", "--results-dir", str(tmp_path))
+    assert set(summary["methods"]) == {"generate", "prompt_lookup", "static_tree"}
+    choice = summary["hf_dtype"]["generate"]
+    assert set(choice["seconds_per_token"]) == {"float32", "bfloat16"}
+    assert choice["chosen"] == min(choice["seconds_per_token"], key=choice["seconds_per_token"].get)
+    assert all(f["matches_generate"] is None for f in summary["methods"].values())
+
+
+def test_unknown_method_is_a_user_error():
+    with pytest.raises(bench.UserError, match="unknown --methods"):
+        bench.selected_methods("generate,beam")
+    assert bench.selected_methods("static_tree") == ["generate", "static_tree"]
+
+
+def test_tie_check_flags_a_near_tie_not_a_clear_divergence():
+    near = torch.tensor([0.0, 3.0, 3.0 + 5e-5, -1.0])
+    clear = torch.tensor([0.0, 3.0, 3.5, -1.0])
+    assert bench.is_near_tie(near, (2, 1), bench.TIE_TOLERANCE)
+    assert not bench.is_near_tie(clear, (2, 1), bench.TIE_TOLERANCE)
+    assert not bench.is_near_tie(near, (2, 0), bench.TIE_TOLERANCE)  # tied best pair, but the method left it
+
+    reference = [Run([5, 2, 1], 1.0, 3), Run([7, 7, 7], 1.0, 3)]
+    runs = [Run([5, 1, 4], 1.0, 2), Run([7, 7, 9], 1.0, 2)]
+    logits = {0: near, 1: clear}
+    seen = []
+
+    def next_logits(prompt_ids: list[int], prefix: list[int]) -> torch.Tensor:
+        seen.append((prompt_ids, prefix))
+        return logits[len(seen) - 1]
+
+    found = bench.find_divergences("m", "float32", [[1], [2]], [10, 11], reference, runs, next_logits)
+    assert seen == [([1], [5]), ([2], [7, 7])]
+    assert [(d.prompt_index, d.position, d.generate_token, d.method_token, d.tie) for d in found] == [
+        (10, 1, 2, 1, True), (11, 2, 7, 9, False)]
+    assert bench.matches_generate(found[:1], greedy=True) is True
+    assert bench.matches_generate(found, greedy=True) is False
+
+
+def test_first_divergence_and_spread_and_rotation():
+    assert bench.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert bench.first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert bench.first_divergence([1, 2, 3], [1, 2]) == 2
+    assert bench.spread([3.0]) == {"min": 3.0, "q1": 3.0, "median": 3.0, "q3": 3.0, "max": 3.0}
+    assert bench.spread([1.0, 2.0, 3.0, 4.0, 5.0])["q1"] == 2.0
+    assert [rotated(["a", "b", "c"], i) for i in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+def test_figures_and_table():
+    reference = [Run([1] * 10, 1.0, 10), Run([1] * 10, 2.0, 10)]
+    fast = [Run([1] * 10, 0.5, 4), Run([1] * 10, 0.5, 4)]
+    figures = bench.method_figures(fast, reference)
+    assert figures["tokens_per_second"] == pytest.approx(20.0)
+    assert figures["ms_per_token"] == pytest.approx(50.0)
+    assert figures["mean_accepted_tokens"] == pytest.approx(2.5)
+    assert figures["speedup_spread"]["min"] == pytest.approx(2.0)
+    assert figures["speedup_spread"]["max"] == pytest.approx(4.0)
+    table = bench.format_table({"static_tree": {**figures, "matches_generate": True, "dtype": "float32"},
+                                "dynamic_tree": {"skipped": "not there yet"}})
+    assert "static_tree" in table and "skipped: not there yet" in table and "yes" in table

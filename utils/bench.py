@@ -1,0 +1,338 @@
+"""Side-by-side benchmark against what users would run instead: transformers' generate, assisted generation
+and prompt lookup, and this suite's autoregressive baseline, static tree and dynamic tree, in one process on
+the same prompts, target, draft, device and weights, prompt by prompt with the method order rotated.
+
+Example:
+  python -m utils.bench --growmap growmaps/68m_7b-64.pt --end 20 --max-new-tokens 128
+
+Writes <results-dir>/bench-<time>.json (+ .jsonl per prompt, .png speedup chart); the last output line is
+'results: <path>'. This module holds the flags, the statistics, the tie check, the table and the chart;
+preparing and running the methods lives in utils/bench_methods.py.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.growmap import Growmap
+from engine.verifiers import VERIFIERS
+from utils.bench_methods import METHODS, PROMPT_LOOKUP_TOKENS, BenchSetup, DynamicShape, Run
+from utils.cli import OneLineParser, add_data_flags, add_model_flags, run_cli, validate_common
+from utils.config import DEFAULTS
+from utils.data import Prompt
+from utils.errors import UserError
+
+TIE_TOLERANCE = 1e-4
+FIGURE_KEYS = ("tokens_per_second", "ms_per_token", "mean_accepted_tokens", "speedup_vs_generate", "matches_generate")
+DYNAMIC_WIDTH = 8
+DRAFT_METHODS = ("assisted", "static_tree", "dynamic_tree")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """min, quartiles and max of `values` (all equal for a single value)."""
+    q = np.percentile(np.asarray(values, dtype=float), [0, 25, 50, 75, 100])
+    return dict(zip(("min", "q1", "median", "q3", "max"), (float(v) for v in q)))
+
+
+def seconds_per_token(run: Run) -> float:
+    return run.seconds / max(len(run.output_ids), 1)
+
+
+def method_figures(runs: list[Run], reference: list[Run] | None) -> dict:
+    """Per-method figures over prompts. Speedup is per prompt (same prompt, adjacent in time) against
+    `reference` (generate's runs), then summarised: median and spread."""
+    tokens_per_second = [1.0 / seconds_per_token(r) if r.seconds > 0 else 0.0 for r in runs]
+    ms_per_token = [1000.0 * seconds_per_token(r) for r in runs]
+    new_tokens = sum(len(r.output_ids) for r in runs)
+    calls = sum(r.target_calls for r in runs)
+    figures = {
+        "tokens_per_second": spread(tokens_per_second)["median"],
+        "tokens_per_second_spread": spread(tokens_per_second),
+        "ms_per_token": spread(ms_per_token)["median"],
+        "ms_per_token_spread": spread(ms_per_token),
+        "mean_accepted_tokens": new_tokens / max(calls, 1),
+        "new_tokens": new_tokens,
+        "target_calls": calls,
+        "seconds": sum(r.seconds for r in runs),
+        "speedup_vs_generate": None,
+        "speedup_spread": None,
+    }
+    if reference is not None:
+        speedups = [seconds_per_token(ref) / seconds_per_token(run) for ref, run in zip(reference, runs)]
+        figures["speedup_vs_generate"] = spread(speedups)["median"]
+        figures["speedup_spread"] = spread(speedups)
+    return figures
+
+
+def first_divergence(reference: list[int], output: list[int]) -> int | None:
+    """Index of the first token where `output` differs from `reference` (a length difference counts at
+    the shorter length); None when they are equal."""
+    for index, (a, b) in enumerate(zip(reference, output)):
+        if a != b:
+            return index
+    return None if len(reference) == len(output) else min(len(reference), len(output))
+
+
+def top_two_gap(logits: torch.Tensor) -> float:
+    """logits: [V]. Difference between the two largest logits."""
+    top = logits.float().topk(2).values
+    return float(top[0] - top[1])
+
+
+def is_near_tie(logits: torch.Tensor, tokens: tuple[int | None, int | None], tolerance: float) -> bool:
+    """logits: [V] at the first differing position. A tie when the two best logits lie within `tolerance`
+    and both diverging tokens are among the best (each within `tolerance` of the maximum)."""
+    if None in tokens or top_two_gap(logits) > tolerance:
+        return False
+    best = float(logits.max())
+    return all(best - float(logits[token]) <= tolerance for token in tokens)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    method: str
+    dtype: str                 # the method's dtype: generate's reference and the tie check ran in it too
+    prompt_index: int
+    position: int
+    generate_token: int | None
+    method_token: int | None
+    top_two_gap: float
+    tie: bool
+
+
+def find_divergences(method: str, dtype: str, prompt_ids: list[list[int]], prompt_indices: list[int],
+                     reference: list[Run], runs: list[Run], next_logits: Callable[[list[int], list[int]], torch.Tensor],
+                     tolerance: float = TIE_TOLERANCE) -> list[Divergence]:
+    """Every prompt where `method`'s output differs from generate's, classified as tie or not with one
+    teacher-forced target forward: next_logits(prompt_ids, generate's output before the difference) -> [V]."""
+    found = []
+    for ids, index, ref, run in zip(prompt_ids, prompt_indices, reference, runs):
+        position = first_divergence(ref.output_ids, run.output_ids)
+        if position is None:
+            continue
+        logits = next_logits(ids, ref.output_ids[:position])
+        tokens = tuple(out[position] if position < len(out) else None for out in (ref.output_ids, run.output_ids))
+        found.append(Divergence(method, dtype, index, position, tokens[0], tokens[1], top_two_gap(logits),
+                                is_near_tie(logits, tokens, tolerance)))
+    return found
+
+
+def matches_generate(divergences: list[Divergence], greedy: bool) -> bool | None:
+    """At T = 0: True when every output equals generate's or differs only at a near-tie; None at T > 0."""
+    return all(d.tie for d in divergences) if greedy else None
+
+
+def collect_figures(methods: list[str], setup: BenchSetup, runs: dict[str, list[Run]], prompts: list[Prompt],
+                    greedy: bool, max_new_tokens: int) -> tuple[dict[str, dict], list[Divergence]]:
+    """Figures per method; at T = 0 also the exactness check. Each method is compared with transformers'
+    generate in the method's own dtype (the timed run when generate ran in it, else an untimed reference run
+    made here), and each divergence is tie-checked by a teacher-forced target forward in that dtype."""
+    from utils.bench_methods import next_token_logits
+
+    timed_dtype = setup.dtypes["generate"]
+    references = {timed_dtype: runs["generate"]}
+    if greedy:
+        for dtype in sorted(set(setup.dtypes.values()) - {timed_dtype}):
+            runner = setup.references[dtype][0]
+            references[dtype] = [runner(prompt, max_new_tokens) for prompt in prompts]
+    figures: dict[str, dict] = {}
+    divergences: list[Divergence] = []
+    for name in methods:
+        if name in setup.skipped:
+            figures[name] = {"skipped": setup.skipped[name], **dict.fromkeys(FIGURE_KEYS)}
+            continue
+        dtype = setup.dtypes[name]
+        found = []
+        if greedy:
+            model = setup.references[dtype][1]
+            found = find_divergences(name, dtype, [p.ids for p in prompts], [p.index for p in prompts],
+                                     references[dtype], runs[name],
+                                     lambda ids, prefix: next_token_logits(model, ids, prefix))
+        divergences.extend(found)
+        figures[name] = {**method_figures(runs[name], runs["generate"]), "dtype": dtype,
+                         "matches_generate": matches_generate(found, greedy),
+                         "exact_matches": len(prompts) - len(found) if greedy else None,
+                         "matched_against": (f"generate in {dtype}" + ("" if dtype == timed_dtype else
+                                                                       " (untimed reference run)")) if greedy else None}
+    return figures, divergences
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None else format(value, pattern)
+
+
+def format_table(methods: dict[str, dict]) -> str:
+    """The on-screen table; a skipped method shows its reason."""
+    header = (f"{'method':<14}{'tok/s':>9}{'[min-max]':>17}{'ms/tok':>9}{'acc/step':>10}{'speedup':>9}"
+              f"{'[min-max]':>15}{'matches':>9}  dtype")
+    lines = [header, "-" * len(header)]
+    for name, fig in methods.items():
+        if fig.get("skipped"):
+            lines.append(f"{name:<14}skipped: {fig['skipped']}")
+            continue
+        tps = fig["tokens_per_second_spread"]
+        speed = fig["speedup_spread"]
+        speed_range = "-" if speed is None else f"[{speed['min']:.2f}-{speed['max']:.2f}]"
+        tps_range = f"[{tps['min']:.1f}-{tps['max']:.1f}]"
+        match = {None: "-", True: "yes", False: "NO"}[fig["matches_generate"]]
+        lines.append(f"{name:<14}{fig['tokens_per_second']:>9.2f}{tps_range:>17}"
+                     f"{fig['ms_per_token']:>9.2f}{fig['mean_accepted_tokens']:>10.2f}"
+                     f"{_fmt(fig['speedup_vs_generate'], '.2f'):>9}{speed_range:>15}{match:>9}  {fig['dtype']}")
+    return "\n".join(lines)
+
+
+def plot_speedups(methods: dict[str, dict], path: Path, title: str) -> Path:
+    """Bar chart of the median per-prompt speedup over generate, error bars from min to max (Agg, PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = {name: fig for name, fig in methods.items() if fig.get("speedup_spread")}
+    names = list(shown)
+    medians = [shown[n]["speedup_vs_generate"] for n in names]
+    low = [m - shown[n]["speedup_spread"]["min"] for n, m in zip(names, medians)]
+    high = [shown[n]["speedup_spread"]["max"] - m for n, m in zip(names, medians)]
+    figure, axes = plt.subplots(figsize=(1.4 * max(len(names), 3) + 2, 4))
+    axes.bar(names, medians, yerr=[low, high], capsize=4, color="tab:blue")
+    axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    axes.set_ylabel("speedup over transformers generate (x)")
+    axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+    tmp.replace(path)
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = OneLineParser(prog="python -m utils.bench", description=__doc__.split("\n\n")[0],
+                           epilog="Results: <results-dir>/bench-<time>.json (+ .jsonl, .png); "
+                                  "the last output line is 'results: <path>'.")
+    add_model_flags(parser)
+    add_data_flags(parser)
+    parser.add_argument("--T", type=float, default=DEFAULTS.T, help="temperature; 0 = greedy (exact)")
+    parser.add_argument("--P", type=float, default=DEFAULTS.P, help="top-p nucleus mass in (0, 1], used when T > 0")
+    parser.add_argument("--verify", default=DEFAULTS.verify, choices=VERIFIERS[1:],
+                        help="the suite's verifier at T > 0 (T = 0 always verifies greedily)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
+    parser.add_argument("--growmap", default=DEFAULTS.growmap, help="static tree shape (.pt growmap)")
+    parser.add_argument("--dynamic-budget", type=int, default=None,
+                        help="dynamic tree node budget, root included (default: the growmap's size)")
+    parser.add_argument("--dynamic-width", type=int, default=DYNAMIC_WIDTH,
+                        help="dynamic tree expansion width (children per expanded node, nodes expanded per level)")
+    parser.add_argument("--dynamic-depth", type=int, default=None,
+                        help="dynamic tree depth limit (default: the growmap's depth)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {','.join(METHODS)}; generate always runs (the reference)")
+    parser.add_argument("--hf-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="dtype of transformers' methods; auto = the faster of the two on the warm-up prompt, "
+                             "per method")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=PROMPT_LOOKUP_TOKENS,
+                        help="prompt_lookup_num_tokens for transformers' prompt lookup decoding")
+    return parser.parse_args(argv)
+
+
+def selected_methods(spec: str) -> list[str]:
+    """The --methods list in canonical order, generate first and always included."""
+    asked = {name.strip() for name in spec.split(",") if name.strip()}
+    unknown = sorted(asked - set(METHODS))
+    if unknown:
+        raise UserError(f"unknown --methods {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    return [name for name in METHODS if name in asked or name == "generate"]
+
+
+def dynamic_shape(args: argparse.Namespace, growmap: Growmap) -> DynamicShape:
+    """The dynamic tree's limits: the flags, or the growmap's size and depth (so both trees get the same
+    node budget)."""
+    budget = growmap.size if args.dynamic_budget is None else args.dynamic_budget
+    depth = growmap.max_depth if args.dynamic_depth is None else args.dynamic_depth
+    shape = DynamicShape(budget=budget, width=args.dynamic_width, max_depth=depth)
+    if shape.budget < 2 or shape.width < 1 or shape.max_depth < 1:
+        raise UserError(f"the dynamic tree needs --dynamic-budget >= 2, --dynamic-width >= 1 and --dynamic-depth "
+                        f">= 1 (got {shape.budget}, {shape.width}, {shape.max_depth})")
+    return shape
+
+
+def main(argv: list[str] | None = None) -> None:
+    import transformers
+    from tqdm import tqdm
+
+    from engine.growmap import load_growmap
+    from engine.sampling import Sampling
+    from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
+    from utils.bench_methods import prepare_methods, run_alternating
+    from utils.cli import resolve_dtype
+    from utils.data import load_prompts
+    from utils.experiment import load_pair
+    from utils.report import emit, hardware, library_versions, write_results
+
+    args = parse_args(argv)
+    validate_common(args)
+    methods = selected_methods(args.methods)
+    if args.prompt_lookup_tokens < 1:
+        raise UserError(f"--prompt-lookup-tokens must be >= 1, got {args.prompt_lookup_tokens}")
+    transformers.logging.set_verbosity_error()
+    sampling = Sampling(args.T, args.P)
+    verifier = "greedy" if sampling.greedy else args.verify
+    growmap = load_growmap(args.growmap)
+    dynamic = dynamic_shape(args, growmap)
+    dtype = resolve_dtype(args.dtype, args.device)
+    max_len = args.prompt_len + args.max_new_tokens + max(growmap.size, dynamic.slots_bound()) + 1
+    pair = load_pair(args.target, args.model, any(m in DRAFT_METHODS for m in methods), dtype, args.device, max_len)
+    prompts = load_prompts(args.dataset, pair.tokenizer, args.start, args.end, args.prompt_len)
+
+    setup = prepare_methods(methods, pair, growmap, sampling, verifier, prompts[0], hf_dtype=args.hf_dtype,
+                            seed=args.seed, lookup_tokens=args.prompt_lookup_tokens,
+                            max_new_tokens=args.max_new_tokens, sample_children=SAMPLED_CHILDREN[verifier],
+                            dynamic=dynamic)
+    for note in setup.notes:
+        emit(f"note: {note}")
+    bar = tqdm(total=len(prompts), desc="bench", unit="prompt", dynamic_ncols=True)
+    runs = run_alternating(setup.runners, prompts, args.max_new_tokens, lambda prompt, order: bar.update(1))
+    bar.close()
+
+    figures, divergences = collect_figures(methods, setup, runs, prompts, sampling.greedy, args.max_new_tokens)
+    emit(format_table(figures))
+    for d in divergences:
+        kind = "near-tie (counted as a match)" if d.tie else "DIVERGENCE"
+        emit(f"  {kind}: {d.method} prompt {d.prompt_index} token {d.position}: generate ({d.dtype}) "
+             f"{d.generate_token}, {d.method} {d.method_token}, top-two logit gap {d.top_two_gap:.2e}")
+    summary = {
+        "script": "bench", "flags": vars(args), "methods_run": methods, "target": pair.target_name,
+        "draft": pair.draft_name, "dtype": str(dtype).removeprefix("torch."), "hf_dtype": setup.hf_dtype_choice,
+        "device": args.device, "versions": {**library_versions(), "matplotlib": _version("matplotlib")},
+        "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],
+        "sampling": {"temperature": args.T, "top_p": args.P}, "verifier": verifier, "lossless": LOSSLESS[verifier],
+        "growmap": {"path": args.growmap, "size": growmap.size, "depth": growmap.max_depth},
+        "dynamic_tree_shape": asdict(dynamic),
+        "warmup_prompt": prompts[0].index, "assistant": setup.assistant, "notes": setup.notes,
+        "tie_tolerance": TIE_TOLERANCE, "divergences": [asdict(d) for d in divergences], "methods": figures,
+    }
+    rows = [{"index": p.index, "prompt_ids": p.ids,
+             "outputs": {name: asdict(runs[name][i]) for name in setup.runners}} for i, p in enumerate(prompts)]
+    path = write_results(args.results_dir, "bench", summary, rows)
+    title = (f"{pair.target_name} / draft {pair.draft_name}, T={args.T}, {len(prompts)} prompts x "
+             f"{args.max_new_tokens} tokens, {args.device}")
+    chart = plot_speedups(figures, path.with_suffix(".png"), title)
+    emit(f"chart: {chart}")
+    emit(f"results: {path}")
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    run_cli(main)
