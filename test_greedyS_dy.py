@@ -1,0 +1,75 @@
+"""Dynamic-tree speculative decoding: each step the draft grows its tree best-first under a node budget
+(EAGLE-2, arXiv 2406.16858; the original project's test_greedyS_dy.py) and the target verifies the whole tree
+in one forward pass. Flags, modes and result files are those of test_greedyS.py, plus the tree's budget,
+width, depth and score; the per-prompt results record each step's tree shape (nodes per depth).
+
+Example (the original's command: --growmap only sets the default budget, here 64 nodes):
+  python test_greedyS_dy.py --model JackFram/llama-68m --target meta-llama/Llama-2-7b-hf --T 0.6 --P 0.9 \
+      --start 0 --end 200 --Mode greedy --M 1024 --growmap ./growmaps/68m_7b-64.pt --dataset cnn --W 8 --D 9
+"""
+from __future__ import annotations
+
+import argparse
+
+from engine.dynamic_drafter import SCORES, DynamicTreeDrafter, check_score
+from engine.growmap import load_growmap
+from engine.verifiers import SAMPLED_CHILDREN
+from utils.cli import OneLineParser, add_data_flags, add_decoding_flags, add_model_flags, run_cli, validate_common
+from utils.config import DEFAULTS
+from utils.errors import UserError
+from utils.experiment import execute
+
+
+def resolve_budget(args: argparse.Namespace) -> int:
+    """--B, else the size of a --growmap given on the command line, else the suite's default budget."""
+    if args.B is not None:
+        return args.B
+    if args.growmap != DEFAULTS.growmap:
+        return load_growmap(args.growmap).size
+    return DEFAULTS.B
+
+
+def validate_tree_flags(args: argparse.Namespace) -> None:
+    if args.B < 2:
+        raise UserError(f"--B must be >= 2 (the root and one drafted node), got {args.B}")
+    if args.W < 1:
+        raise UserError(f"--W must be >= 1, got {args.W}")
+    if args.D < 1:
+        raise UserError(f"--D must be >= 1, got {args.D}")
+    verifier = "greedy" if args.T == 0 else args.verify
+    try:
+        check_score(args.score, SAMPLED_CHILDREN[verifier])
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def main() -> None:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], epilog="Results: <results-dir>/test_greedyS_dy-<time>"
+                           ".json (+ .jsonl per prompt, with tree_shapes); the last output line is 'results: <path>'.")
+    add_model_flags(parser)
+    add_data_flags(parser)
+    add_decoding_flags(parser)
+    parser.add_argument("--growmap", default=DEFAULTS.growmap,
+                        help="accepted for the original's commands: only supplies the default --B (its size)")
+    parser.add_argument("--B", type=int, default=None,
+                        help=f"node budget, root included (default: the --growmap's size; {DEFAULTS.B} for the default)")
+    parser.add_argument("--W", type=int, default=DEFAULTS.W, help="children per expanded node, nodes expanded per level")
+    parser.add_argument("--D", type=int, default=DEFAULTS.D, help="depth limit (draft forwards per step)")
+    parser.add_argument("--score", default=DEFAULTS.score, choices=SCORES,
+                        help="logprob = cumulative draft log-probability (EAGLE-2); original = the original's "
+                             "depth-weighted cumulative logit (not with --verify specinfer)")
+    args = parser.parse_args()
+    validate_common(args)
+    args.B = resolve_budget(args)
+    validate_tree_flags(args)
+    args.record_shapes = True
+    meta = {"dynamic_tree": {"budget": args.B, "width": args.W, "max_depth": args.D, "score": args.score}}
+    slots = DynamicTreeDrafter.slots_for(args.B, args.W, args.D)
+    execute(args, "test_greedyS_dy",
+            lambda pair, sampling, sample_children: DynamicTreeDrafter(pair.draft, sampling, sample_children, args.B,
+                                                                       args.W, args.D, args.score),
+            slots, meta)
+
+
+if __name__ == "__main__":
+    run_cli(main)
