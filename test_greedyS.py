@@ -10,17 +10,13 @@ from __future__ import annotations
 
 from engine.drafters import StaticTreeDrafter
 from engine.growmap import load_growmap
-from utils.cli import OneLineParser, add_data_flags, add_decoding_flags, add_model_flags, run_cli, validate_common
+from utils.cli import decoding_parser, run_cli, validate_common
 from utils.config import DEFAULTS
 from utils.experiment import execute
 
 
 def main() -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], epilog="Results: <results-dir>/test_greedyS-<time>.json "
-                           "(+ .jsonl per prompt); the last output line is 'results: <path>'.")
-    add_model_flags(parser)
-    add_data_flags(parser)
-    add_decoding_flags(parser)
+    parser = decoding_parser(__doc__, "test_greedyS")
     parser.add_argument("--growmap", default=DEFAULTS.growmap, help="tree shape (.pt growmap file)")
     args = parser.parse_args()
     validate_common(args)

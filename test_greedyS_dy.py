@@ -14,7 +14,7 @@ import argparse
 from engine.dynamic_drafter import SCORES, DynamicTreeDrafter, check_score
 from engine.growmap import load_growmap
 from engine.verifiers import SAMPLED_CHILDREN
-from utils.cli import OneLineParser, add_data_flags, add_decoding_flags, add_model_flags, run_cli, validate_common
+from utils.cli import decoding_parser, run_cli, validate_common
 from utils.config import DEFAULTS
 from utils.errors import UserError
 from utils.experiment import execute
@@ -44,11 +44,7 @@ def validate_tree_flags(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], epilog="Results: <results-dir>/test_greedyS_dy-<time>"
-                           ".json (+ .jsonl per prompt, with tree_shapes); the last output line is 'results: <path>'.")
-    add_model_flags(parser)
-    add_data_flags(parser)
-    add_decoding_flags(parser)
+    parser = decoding_parser(__doc__, "test_greedyS_dy", ", with tree_shapes")
     parser.add_argument("--growmap", default=DEFAULTS.growmap,
                         help="accepted for the original's commands: only supplies the default --B (its size)")
     parser.add_argument("--B", type=int, default=None,

@@ -13,27 +13,17 @@ Example (three drafts on the default target, prompts and the target's own greedy
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
 
-import torch
-from tqdm import tqdm
-
-from engine.decoder import autoregressive_generate
-from engine.model import TreeModel
-from engine.sampling import Sampling
-from engine.tree_mask import causal_mask
 from utils.cli import OneLineParser, add_data_flags, add_model_flags, resolve_dtype, run_cli, validate_common
 from utils.config import DEFAULTS
-from utils.data import Prompt, load_prompts
+from utils.data import load_prompts
 from utils.errors import UserError
-from utils.experiment import ModelPair, load_draft, load_pair
+from utils.experiment import load_draft, load_pair
 from utils.models import load_tokenizer
-from utils.potential import (DEFAULT_EPSILON, DraftPotential, PositionFigures, PromptFigures, distribution_sampling,
-                             draft_potential, position_figures, prompt_figures, rank_drafts)
+from utils.potential_report import report, score_prompts
 from utils.report import emit, hardware, library_versions, write_results
 
 SCRIPT = "test_greedyS_logit"
-GREEDY = Sampling(0.0, 1.0)
 
 
 def build_parser() -> OneLineParser:
@@ -73,109 +63,6 @@ def validate(args: argparse.Namespace) -> None:
                         + f" need {needed} KV slots")
 
 
-def teacher_forced_logits(model: TreeModel, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token logits at every position of `ids` ([n] long, target ids): [n, model's own vocab]."""
-    slots = torch.arange(ids.shape[0], device=model.device)
-    return model.forward(ids, slots, slots, causal_mask(ids.shape[0], 0, model.device))
-
-
-@dataclass
-class PromptText:
-    """The text scored for one prompt: its ids, then the target's continuation (possibly empty)."""
-
-    prompt: Prompt
-    continuation: list[int]
-
-    @property
-    def ids(self) -> list[int]:
-        return self.prompt.ids + self.continuation
-
-
-def continuation_rows(text: PromptText) -> tuple[int, int]:
-    """Rows whose context ends at the last prompt token or a generated one and that predict a generated
-    token: exactly where speculative decoding drafts."""
-    start = len(text.prompt.ids) - 1
-    return start, start + len(text.continuation)
-
-
-def score_prompt(text: PromptText, target: TreeModel, drafts: dict[str, TreeModel],
-                 args: argparse.Namespace) -> dict[str, PositionFigures]:
-    ids = torch.tensor(text.ids, dtype=torch.long, device=target.device)
-    target_logits = teacher_forced_logits(target, ids)
-    return {name: position_figures(target_logits, teacher_forced_logits(draft, ids), args.T, args.P,
-                                   draft.output_ids, DEFAULT_EPSILON)
-            for name, draft in drafts.items()}
-
-
-def describe_distributions(temperature: float, top_p: float) -> str:
-    sampling = distribution_sampling(temperature, top_p)
-    greedy = " (T = 0: plain softmax; top-1 agreement is the greedy acceptance)" if temperature == 0 else ""
-    return (f"distributions at T = {sampling.temperature:g}, top-p = {sampling.top_p:g}{greedy}; KL without top-p, "
-            f"smoothed with eps = {DEFAULT_EPSILON:g}")
-
-
-def format_potential(name: str, potential: DraftPotential) -> str:
-    return "\n".join([
-        f"draft {name}",
-        f"  positions               {potential.positions} over {potential.prompts} prompts",
-        f"  potential score         {potential.potential_score:.4f} nats per position (smoothed KL, lower is better)",
-        f"  spread over prompts     std {potential.score_std:.4f}, min {potential.score_min:.4f}, "
-        f"max {potential.score_max:.4f}",
-        f"  top-1 agreement         {potential.top1_agreement:.4f}",
-        f"  expected acceptance     {potential.expected_acceptance:.4f}",
-        f"  target mass outside     {potential.outside_vocab_mass:.4f} (of the draft's vocabulary)"])
-
-
-def format_ranking(potentials: dict[str, DraftPotential]) -> str:
-    width = max(len(name) for name in potentials)
-    lines = ["ranking (by potential score; rank by expected acceptance beside it)",
-             f"  {'rank':>4}  {'draft':<{width}}  {'score':>8}  {'agree':>6}  {'accept':>6}  {'outside':>7}  "
-             f"{'acc.rank':>8}"]
-    for row in rank_drafts(potentials):
-        p = row.potential
-        lines.append(f"  {row.rank_by_score:>4}  {row.name:<{width}}  {p.potential_score:>8.4f}  "
-                     f"{p.top1_agreement:>6.3f}  {p.expected_acceptance:>6.3f}  {p.outside_vocab_mass:>7.4f}  "
-                     f"{row.rank_by_acceptance:>8}")
-    return "\n".join(lines)
-
-
-def summarise(per_prompt: list[dict[str, PromptFigures]], names: list[str]) -> dict[str, DraftPotential]:
-    return {name: draft_potential([figures[name] for figures in per_prompt]) for name in names}
-
-
-@dataclass
-class Scores:
-    """Per-prompt means for every draft: over all positions, and over continuation positions (when scored)."""
-
-    whole: list[dict[str, PromptFigures]] = field(default_factory=list)
-    continued: list[dict[str, PromptFigures]] = field(default_factory=list)
-    rows: list[dict] = field(default_factory=list)
-
-
-def score_prompts(prompts: list[Prompt], pair: ModelPair, drafts: dict[str, TreeModel],
-                  args: argparse.Namespace) -> Scores:
-    scores = Scores()
-    for prompt in tqdm(prompts, desc="potential", unit="prompt", dynamic_ncols=True):
-        continuation = []
-        if args.continuations:
-            continuation = autoregressive_generate(pair.target, prompt.ids, args.max_new_tokens, pair.eos_ids,
-                                                   GREEDY, torch.Generator(device=args.device)).output_ids
-        text = PromptText(prompt, continuation)
-        figures = score_prompt(text, pair.target, drafts, args)
-        whole = {name: prompt_figures(f) for name, f in figures.items()}
-        scores.whole.append(whole)
-        row = {"index": prompt.index, "kind": prompt.kind, "prompt_ids": prompt.ids, "output_ids": continuation,
-               "output_text": pair.tokenizer.decode(continuation, skip_special_tokens=True),
-               "drafts": {name: f.as_dict() for name, f in whole.items()}}
-        if continuation:
-            start, stop = continuation_rows(text)
-            continued = {name: prompt_figures(f.rows(start, stop)) for name, f in figures.items()}
-            scores.continued.append(continued)
-            row["continuation_drafts"] = {name: f.as_dict() for name, f in continued.items()}
-        scores.rows.append(row)
-    return scores
-
-
 def main() -> None:
     args = build_parser().parse_args()
     validate(args)
@@ -187,30 +74,14 @@ def main() -> None:
     if len(drafts) != len(args.model):
         raise UserError("--model names the same draft twice")
     names = list(drafts)
-    scores = score_prompts(prompts, pair, drafts, args)
-
-    potentials = summarise(scores.whole, names)
-    sampling = distribution_sampling(args.T, args.P)
+    scores = score_prompts(prompts, pair, drafts, args.T, args.P, args.max_new_tokens if args.continuations else 0)
     summary = {"script": SCRIPT, "flags": vars(args), "target": pair.target_name, "drafts": names,
                "dtype": str(dtype).removeprefix("torch."), "device": args.device, "versions": library_versions(),
                "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],
-               "prompts": len(prompts), "distribution": {"temperature": sampling.temperature, "top_p": sampling.top_p},
-               "kl_epsilon": DEFAULT_EPSILON,
-               "potential": {name: p.as_dict() for name, p in potentials.items()},
-               "ranking": [{"draft": r.name, "rank_by_score": r.rank_by_score,
-                            "rank_by_acceptance": r.rank_by_acceptance} for r in rank_drafts(potentials)]}
-    emit(describe_distributions(args.T, args.P))
-    emit("all positions (prompt" + (" + continuation)" if args.continuations else ")"))
-    for name in names:
-        emit(format_potential(name, potentials[name]))
-    if scores.continued:
-        continued = summarise(scores.continued, names)
-        summary["continuation_potential"] = {name: p.as_dict() for name, p in continued.items()}
-        emit("continuation positions only (where speculative decoding drafts)")
-        for name in names:
-            emit(format_potential(name, continued[name]))
-    if len(names) > 1:
-        emit(format_ranking(potentials))
+               "prompts": len(prompts)}
+    summary, lines = report(scores, names, args.T, args.P, summary)
+    for line in lines:
+        emit(line)
     emit(f"results: {write_results(args.results_dir, SCRIPT, summary, scores.rows)}")
 
 

@@ -7,6 +7,8 @@ sits in slot `root_slot + i` in both the draft and the target cache, at position
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from engine.growmap import Growmap
@@ -17,14 +19,25 @@ from engine.tree_mask import causal_mask, tree_attention_mask
 
 
 def append_tokens(model: TreeModel, token_ids: torch.Tensor, start: int, last_logits: bool = True) -> torch.Tensor | None:
-    """Append a causal chunk of committed tokens at slots/positions [start, start + len) and return the
-    last token's logits ([vocab]) if asked."""
+    """Append a causal chunk of committed tokens (token_ids: [c] long) at slots/positions [start, start + c)
+    and return the last token's logits ([own vocab]) if asked; the prefill skips the LM head entirely."""
     count = token_ids.shape[0]
     slots = torch.arange(start, start + count, device=model.device)
     mask = causal_mask(count, start, model.device)
     rows = torch.tensor([count - 1], device=model.device) if last_logits else torch.zeros(0, dtype=torch.long, device=model.device)
     logits = model.forward(token_ids, slots, slots, mask, logits_rows=rows)
     return logits[0] if last_logits else None
+
+
+def teacher_forced_logits(model: TreeModel, token_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """One causal forward over a whole text from slot 0: token_ids [L] long (target ids), rows [r] long.
+
+    Returns the next-token logits of `rows` over the model's own vocabulary, [r, own vocab]: every position's
+    distribution from a single forward, which is how draft quality is measured without decoding.
+    """
+    length = token_ids.shape[0]
+    slots = torch.arange(length, device=model.device)
+    return model.forward(token_ids, slots, slots, causal_mask(length, 0, model.device), logits_rows=rows)
 
 
 class DraftCache:
@@ -49,12 +62,16 @@ class DraftCache:
         self.ran_nodes = {0}
         return logits
 
-    def run_nodes(self, nodes: torch.Tensor, tree_tokens: torch.Tensor, depth: torch.Tensor,
+    def run_nodes(self, nodes: torch.Tensor, node_ids: list[int], tree_tokens: torch.Tensor, depth: torch.Tensor,
                   ancestors: torch.Tensor, tree_size: int) -> torch.Tensor:
-        """Run tree nodes [r] (their ancestors already ran) and return their logits [r, draft vocab]."""
+        """Run tree nodes [r] long (their ancestors already ran) and return their logits [r, draft vocab].
+
+        node_ids: the same nodes as Python ints, for the bookkeeping (reading `nodes` back would sync CUDA).
+        tree_tokens, depth: [>= tree_size] long; ancestors: [>= tree_size, >= tree_size] bool.
+        """
         slots = self.root_slot + nodes
         mask = tree_attention_mask(ancestors[:tree_size, :tree_size], nodes, self.root_slot)
-        self.ran_nodes.update(nodes.tolist())
+        self.ran_nodes.update(node_ids)
         return self.draft.forward(tree_tokens[nodes], self.root_slot + depth[nodes], slots, mask)
 
     def accept(self, path: list[int]) -> None:
@@ -88,6 +105,30 @@ def draft_children(draft: TreeModel, logits: torch.Tensor, count: int, sampling:
     return draft.to_target_ids(picks), probs
 
 
+@dataclass(frozen=True)
+class _GrowthStep:
+    """One growth step of a growmap, laid out once so that `propose` never reads a device tensor back (each
+    read would be a CUDA sync): the nodes it expands, and where each child's token sits in the step's
+    [expanded, width] block of picks (width = the widest branching of the step)."""
+
+    expanded: torch.Tensor        # [e] long
+    expanded_ids: list[int]       # the same nodes as Python ints
+    child_nodes: torch.Tensor     # [c] long, the children of the expanded nodes in order
+    pick_positions: torch.Tensor  # [c] long, flat index of each child's pick in the [e, width] block
+    width: int
+
+    @staticmethod
+    def of(growmap: Growmap, roots: list[int], branches: list[int], device: torch.device) -> _GrowthStep:
+        expanded = [node for node, count in zip(roots, branches) if count > 0]
+        width = max(len(growmap.successors[node]) for node in expanded)
+        child_nodes = [child for node in expanded for child in growmap.successors[node]]
+        positions = [row * width + rank for row, node in enumerate(expanded)
+                     for rank in range(len(growmap.successors[node]))]
+        return _GrowthStep(torch.tensor(expanded, device=device), expanded,
+                           torch.tensor(child_nodes, dtype=torch.long, device=device),
+                           torch.tensor(positions, dtype=torch.long, device=device), width)
+
+
 class StaticTreeDrafter:
     """Fills the fixed tree shape of a growmap: growth step s runs the nodes it expands (one batched draft
     forward) and gives each its top-k (or sampled) children. Sequoia (arXiv 2402.12374) / the original."""
@@ -99,16 +140,8 @@ class StaticTreeDrafter:
         self.parents = growmap.parents.to(device)
         self.depth = growmap.depth.to(device)
         self.ancestors = growmap.mask.to(device)
-        # per growth step: the nodes expanded (root excluded from running: catch_up runs it), their children
-        # laid out [expanded, max_branch] with -1 padding
-        self.steps = []
-        for roots, branches in zip(growmap.roots, growmap.branches):
-            expanded = [node for node, count in zip(roots, branches) if count > 0]
-            if not expanded:
-                continue
-            width = max(len(growmap.successors[node]) for node in expanded)
-            children = [growmap.successors[node] + [-1] * (width - len(growmap.successors[node])) for node in expanded]
-            self.steps.append((torch.tensor(expanded, device=device), torch.tensor(children, device=device), width))
+        self.steps = [_GrowthStep.of(growmap, roots, branches, device)
+                      for roots, branches in zip(growmap.roots, growmap.branches) if any(branches)]
 
     def reset(self) -> None:
         self.cache.reset()
@@ -120,16 +153,17 @@ class StaticTreeDrafter:
         tokens[0] = committed[-1]
         root_logits = self.cache.catch_up(committed)
         draft_probs: dict[int, torch.Tensor] = {}
-        for expanded, children, width in self.steps:
-            if expanded.shape[0] == 1 and int(expanded[0]) == 0:
+        for step in self.steps:
+            if step.expanded_ids == [0]:  # catch_up already ran the root
                 logits = root_logits[None]
             else:
-                logits = self.cache.run_nodes(expanded, tokens, self.depth, self.ancestors, size)
-            picks, probs = draft_children(self.draft, logits, width, self.sampling, self.sample_children, generator)
-            valid = children >= 0
-            tokens[children[valid]] = picks[valid]
+                logits = self.cache.run_nodes(step.expanded, step.expanded_ids, tokens, self.depth, self.ancestors,
+                                              size)
+            picks, probs = draft_children(self.draft, logits, step.width, self.sampling, self.sample_children,
+                                          generator)
+            tokens[step.child_nodes] = picks.flatten()[step.pick_positions]
             if probs is not None:
-                draft_probs.update(zip(expanded.tolist(), probs.unbind(0)))
+                draft_probs.update(zip(step.expanded_ids, probs.unbind(0)))
         return CandidateTree(tokens, self.parents, self.depth, self.ancestors, draft_probs)
 
     def accept(self, path: list[int]) -> None:

@@ -151,14 +151,16 @@ class DynamicTreeDrafter:
                 frontier = self.select_frontier(keys, level_start)
                 if frontier.numel() == 0:
                     break
-                new_runs = torch.arange(runs, runs + frontier.shape[0], device=device)
+                new_count = frontier.shape[0]
+                new_runs = torch.arange(runs, runs + new_count, device=device)
                 run_index[frontier] = new_runs
                 run_tokens[new_runs] = torch.cat(tokens)[frontier]
                 run_parents[new_runs] = run_index[torch.cat(parents)[frontier]]
                 run_depth[new_runs] = depth - 1
-                runs += frontier.shape[0]
-                ancestors = ancestor_mask_from_parents(run_parents[:runs])
-                logits = self.cache.run_nodes(new_runs, run_tokens, run_depth, ancestors, runs)
+                ancestors = ancestor_mask_from_parents(run_parents[:runs + new_count])
+                logits = self.cache.run_nodes(new_runs, list(range(runs, runs + new_count)), run_tokens, run_depth,
+                                              ancestors, runs + new_count)
+                runs += new_count
             picks, probs = draft_children(self.draft, logits, self.width, self.sampling, self.sample_children,
                                           generator)
             if probs is not None:

@@ -29,7 +29,6 @@ from utils.errors import UserError
 
 TIE_TOLERANCE = 1e-4
 FIGURE_KEYS = ("tokens_per_second", "ms_per_token", "mean_accepted_tokens", "speedup_vs_generate", "matches_generate")
-DYNAMIC_WIDTH = 8
 DRAFT_METHODS = ("assisted", "static_tree", "dynamic_tree")
 
 
@@ -225,8 +224,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--growmap", default=DEFAULTS.growmap, help="static tree shape (.pt growmap)")
     parser.add_argument("--dynamic-budget", type=int, default=None,
                         help="dynamic tree node budget, root included (default: the growmap's size)")
-    parser.add_argument("--dynamic-width", type=int, default=DYNAMIC_WIDTH,
-                        help="dynamic tree expansion width (children per expanded node, nodes expanded per level)")
+    parser.add_argument("--dynamic-width", type=int, default=DEFAULTS.W,
+                        help="dynamic tree expansion width (children per expanded node, nodes expanded per level; "
+                             "test_greedyS_dy.py's --W)")
     parser.add_argument("--dynamic-depth", type=int, default=None,
                         help="dynamic tree depth limit (default: the growmap's depth)")
     parser.add_argument("--methods", default=",".join(METHODS),
@@ -253,7 +253,7 @@ def dynamic_shape(args: argparse.Namespace, growmap: Growmap) -> DynamicShape:
     node budget)."""
     budget = growmap.size if args.dynamic_budget is None else args.dynamic_budget
     depth = growmap.max_depth if args.dynamic_depth is None else args.dynamic_depth
-    shape = DynamicShape(budget=budget, width=args.dynamic_width, max_depth=depth)
+    shape = DynamicShape(budget=budget, width=args.dynamic_width, max_depth=depth, score=DEFAULTS.score)
     if shape.budget < 2 or shape.width < 1 or shape.max_depth < 1:
         raise UserError(f"the dynamic tree needs --dynamic-budget >= 2, --dynamic-width >= 1 and --dynamic-depth "
                         f">= 1 (got {shape.budget}, {shape.width}, {shape.max_depth})")
@@ -261,14 +261,13 @@ def dynamic_shape(args: argparse.Namespace, growmap: Growmap) -> DynamicShape:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import transformers
     from tqdm import tqdm
 
     from engine.growmap import load_growmap
     from engine.sampling import Sampling
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
     from utils.bench_methods import prepare_methods, run_alternating
-    from utils.cli import resolve_dtype
+    from utils.cli import quiet_transformers, resolve_dtype
     from utils.data import load_prompts
     from utils.experiment import load_pair
     from utils.report import emit, hardware, library_versions, write_results
@@ -278,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     methods = selected_methods(args.methods)
     if args.prompt_lookup_tokens < 1:
         raise UserError(f"--prompt-lookup-tokens must be >= 1, got {args.prompt_lookup_tokens}")
-    transformers.logging.set_verbosity_error()
+    quiet_transformers()
     sampling = Sampling(args.T, args.P)
     verifier = "greedy" if sampling.greedy else args.verify
     growmap = load_growmap(args.growmap)

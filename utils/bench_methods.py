@@ -14,9 +14,7 @@ cost is writing a target-vocabulary row per token, which `forward_ms` measures s
 from __future__ import annotations
 
 import copy
-import importlib
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,19 +24,19 @@ from torch import nn
 
 from engine.decoder import Drafter, autoregressive_generate, speculative_generate
 from engine.drafters import StaticTreeDrafter
+from engine.dynamic_drafter import DynamicTreeDrafter
 from engine.growmap import Growmap
-from engine.model import TreeModel
 from engine.sampling import Sampling
 from utils.data import Prompt
-from utils.experiment import ModelPair, generator_for
+from utils.experiment import WARMUP_TOKENS, ModelPair, generator_for
 from utils.models import DraftVocab, load_draft_vocab
+from utils.report import wall_clock
 
 HF_METHODS = ("generate", "assisted", "prompt_lookup")
 SUITE_METHODS = ("baseline", "static_tree", "dynamic_tree")
 METHODS = HF_METHODS + SUITE_METHODS
 HF_DTYPES = ("float32", "bfloat16")
 PROMPT_LOOKUP_TOKENS = 10
-DYNAMIC_MODULE = "engine.dynamic_drafter"
 
 
 @dataclass
@@ -55,28 +53,17 @@ Runner = Callable[[Prompt, int], Run]
 
 @dataclass(frozen=True)
 class DynamicShape:
-    """Limits of the dynamic tree: node budget (root included), expansion width, depth limit."""
+    """Limits of the dynamic tree: node budget (root included), expansion width, depth limit, and the score
+    that ranks its nodes."""
 
     budget: int
     width: int
     max_depth: int
+    score: str
 
     def slots_bound(self) -> int:
-        """An upper bound on the cache slots one step writes past the committed prefix."""
-        return max(self.budget, 1 + self.width * self.max_depth)
-
-
-@contextmanager
-def _clock(device: torch.device) -> Iterator[list[float]]:
-    """Wall time of the block, synchronising CUDA on both sides; yields a one-element list filled at exit."""
-    elapsed = [0.0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    yield elapsed
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed[0] = time.perf_counter() - started
+        """The cache slots one step writes from the root's slot on (the drafter's own bound)."""
+        return DynamicTreeDrafter.slots_for(self.budget, self.width, self.max_depth)
 
 
 @contextmanager
@@ -147,7 +134,7 @@ def forward_ms(model: nn.Module, prompt_ids: list[int], steps: int = 8) -> float
     cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     times = []
     for _ in range(steps):
-        with _clock(device) as elapsed:
+        with wall_clock(device) as elapsed:
             out = model(token, cache=cache, use_cache=True)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         times.append(elapsed[0] * 1000)
@@ -173,7 +160,7 @@ def hf_runner(target_hf: nn.Module, sampling: Sampling, eos_ids: set[int], seed:
     def run(prompt: Prompt, max_new_tokens: int) -> Run:
         ids = torch.tensor([prompt.ids], device=device)
         torch.manual_seed(seed + prompt.index)
-        with _count_calls(target_hf) as calls, _clock(device) as elapsed:
+        with _count_calls(target_hf) as calls, wall_clock(device) as elapsed:
             out = target_hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                      **flags)
         return Run(out[0, ids.shape[1]:].tolist(), elapsed[0], calls[0])
@@ -187,7 +174,7 @@ def suite_runner(pair: ModelPair, drafter: Drafter | None, sampling: Sampling, v
 
     def run(prompt: Prompt, max_new_tokens: int) -> Run:
         generator = generator_for(str(device), seed + prompt.index)
-        with _clock(device) as elapsed:
+        with wall_clock(device) as elapsed:
             if drafter is None:
                 result = autoregressive_generate(pair.target, prompt.ids, max_new_tokens, pair.eos_ids, sampling,
                                                  generator)
@@ -197,26 +184,6 @@ def suite_runner(pair: ModelPair, drafter: Drafter | None, sampling: Sampling, v
         return Run(result.output_ids, elapsed[0], result.target_steps)
 
     return run
-
-
-def static_drafter(draft: TreeModel, growmap: Growmap, sampling: Sampling, sample_children: bool) -> Drafter:
-    return StaticTreeDrafter(draft, growmap, sampling, sample_children)
-
-
-def dynamic_drafter(draft: TreeModel, sampling: Sampling, sample_children: bool,
-                    shape: DynamicShape) -> tuple[Drafter | None, str | None]:
-    """engine/dynamic_drafter.py's DynamicTreeDrafter, imported lazily; (None, why) while it is missing."""
-    try:
-        module = importlib.import_module(DYNAMIC_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != DYNAMIC_MODULE:
-            raise
-        return None, "engine/dynamic_drafter.py is not there yet"
-    cls = getattr(module, "DynamicTreeDrafter", None)
-    if cls is None:
-        return None, f"{DYNAMIC_MODULE} has no DynamicTreeDrafter yet"
-    return cls(draft, sampling, sample_children, budget=shape.budget, width=shape.width,
-               max_depth=shape.max_depth), None
 
 
 @torch.inference_mode()
@@ -250,9 +217,14 @@ def run_alternating(runners: dict[str, Runner], prompts: list[Prompt], max_new_t
     return runs
 
 
+def warm_up(runner: Runner, prompt: Prompt, max_new_tokens: int) -> None:
+    """One short untimed call, so first-call costs (allocation, kernel selection) stay out of the timings."""
+    runner(prompt, min(WARMUP_TOKENS, max_new_tokens))
+
+
 def time_per_token(runner: Runner, prompt: Prompt, max_new_tokens: int) -> float:
     """Seconds per new token of one call after a short untimed warm-up call (dtype choice)."""
-    runner(prompt, min(4, max_new_tokens))
+    warm_up(runner, prompt, max_new_tokens)
     run = runner(prompt, max_new_tokens)
     return run.seconds / max(len(run.output_ids), 1)
 
@@ -329,7 +301,7 @@ def _prepare_hf_method(name: str, setup: BenchSetup, copies: ModelCopies, pair: 
         if len(candidates) > 1:
             timings[dtype_name] = time_per_token(runner, warm_prompt, max_new_tokens)
         else:
-            runner(warm_prompt, min(4, max_new_tokens))
+            warm_up(runner, warm_prompt, max_new_tokens)
         built[dtype_name] = runner
     chosen = min(timings, key=timings.get) if timings else candidates[0]
     setup.runners[name], setup.dtypes[name] = built[chosen], chosen
@@ -355,18 +327,15 @@ def prepare_methods(methods: list[str], pair: ModelPair, growmap: Growmap, sampl
 
     drafters: dict[str, Drafter | None] = {"baseline": None}
     if "static_tree" in methods:
-        drafters["static_tree"] = static_drafter(pair.draft, growmap, sampling, sample_children)
+        drafters["static_tree"] = StaticTreeDrafter(pair.draft, growmap, sampling, sample_children)
     if "dynamic_tree" in methods:
-        drafter, why = dynamic_drafter(pair.draft, sampling, sample_children, dynamic)
-        if drafter is None:
-            setup.skipped["dynamic_tree"] = why
-            setup.notes.append(f"dynamic_tree skipped: {why}")
-        else:
-            drafters["dynamic_tree"] = drafter
+        drafters["dynamic_tree"] = DynamicTreeDrafter(pair.draft, sampling, sample_children, budget=dynamic.budget,
+                                                      width=dynamic.width, max_depth=dynamic.max_depth,
+                                                      score=dynamic.score)
     suite_dtype = str(pair.target.dtype).removeprefix("torch.")
     for name in (m for m in SUITE_METHODS if m in methods and m in drafters):
         runner = suite_runner(pair, drafters[name], sampling, verifier, seed)
-        runner(warm_prompt, min(4, max_new_tokens))
+        warm_up(runner, warm_prompt, max_new_tokens)
         setup.runners[name], setup.dtypes[name] = runner, suite_dtype
     for dtype_name in set(setup.dtypes.values()) - set(setup.references):
         target = copies.get(pair.target.hf_model, getattr(torch, dtype_name))

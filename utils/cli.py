@@ -37,13 +37,19 @@ def add_model_flags(parser: argparse.ArgumentParser, with_draft: bool = True) ->
                         help="auto = float16 on cuda, float32 on cpu (see README for why)")
 
 
-def add_data_flags(parser: argparse.ArgumentParser) -> None:
+def add_prompt_flags(parser: argparse.ArgumentParser) -> None:
+    """Which prompts: --dataset, --start, --end, --prompt-len, --seed (for tools that write no results folder)."""
     parser.add_argument("--dataset", default=DEFAULTS.dataset,
                         help="builtin, cnn, openwebtext, c4, mtbench, or a .json/.jsonl/.txt file or save_to_disk folder")
     parser.add_argument("--start", type=int, default=DEFAULTS.start, help="first prompt index (inclusive)")
     parser.add_argument("--end", type=int, default=DEFAULTS.end, help="last prompt index (exclusive)")
     parser.add_argument("--prompt-len", type=int, default=DEFAULTS.prompt_len, help="prompt tokens kept per row")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed; prompt i uses seed + i")
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """The prompt flags and --results-dir."""
+    add_prompt_flags(parser)
     parser.add_argument("--results-dir", default=DEFAULTS.results_dir, help="where result files are written")
 
 
@@ -59,6 +65,18 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
                         help="verifier at T > 0: match = the original's sample-match rule, specinfer = multi-draft "
                              "speculative sampling with sampled children (both lossless); T = 0 always verifies greedily")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
+
+
+def decoding_parser(doc: str, script: str, results_note: str = "") -> OneLineParser:
+    """The parser every decoding script starts from: model, data and decoding flags, its docstring's first
+    paragraph as description and where its results go as epilog."""
+    parser = OneLineParser(description=doc.split("\n\n")[0],
+                           epilog=f"Results: <results-dir>/{script}-<time>.json (+ .jsonl per prompt{results_note}); "
+                                  "the last output line is 'results: <path>'.")
+    add_model_flags(parser)
+    add_data_flags(parser)
+    add_decoding_flags(parser)
+    return parser
 
 
 def validate_common(args: argparse.Namespace) -> None:
@@ -100,15 +118,17 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main(); a UserError or GrowmapError becomes one line on stderr and exit status 2.
-
-    transformers' own progress bars and advisory warnings are silenced so stderr stays readable.
-    """
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and advisory warnings so stderr keeps only our own lines."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main(); a UserError or GrowmapError becomes one line on stderr and exit status 2."""
+    quiet_transformers()
     try:
         main()
     except (UserError, GrowmapError) as exc:

@@ -17,6 +17,9 @@ from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, 
                           load_tokenizer)
 
 
+WARMUP_TOKENS = 4  # new tokens of the untimed warm-up call before timed runs
+
+
 @dataclass
 class ModelPair:
     target: TreeModel
@@ -70,7 +73,9 @@ def load_pair(target: str | None, draft: str | None, need_draft: bool, dtype: to
                      eos_ids_of(tokenizer, target_hf))
 
 
-def generator_for(device: str, seed: int) -> torch.Generator:
+def generator_for(device: str | torch.device, seed: int) -> torch.Generator:
+    """A seeded generator on `device`: CUDA sampling needs a CUDA generator, and a fresh one per prompt keeps
+    each prompt's draws independent of the others and of the warm-up."""
     return torch.Generator(device=device).manual_seed(seed)
 
 
@@ -111,9 +116,9 @@ def run_prompts(pair: ModelPair, drafter: Drafter | None, prompts: list[Prompt],
 
     warm = prompts[0]
     if settings.mode != "baseline":
-        speculative(warm, 4, False)
+        speculative(warm, WARMUP_TOKENS, False)
     if settings.mode != "greedy":
-        baseline(warm, 4)
+        baseline(warm, WARMUP_TOKENS)
     records = []
     for prompt in tqdm(prompts, desc=settings.mode, unit="prompt", dynamic_ncols=True):
         if settings.mode == "baseline":

@@ -30,18 +30,13 @@ from engine.growmap import Growmap, GrowmapError, chain, format_tree, from_paren
     save_growmap, wxd_tree
 from engine.tree_search import LatencyProfile, check_acceptance, choose_budget, expected_accepted, \
     sequoia_dp
+from utils.cli import OneLineParser, add_model_flags, add_prompt_flags
 from utils.errors import UserError
+from utils.report import wall_clock, write_json
 
 MAX_NODES = 4096  # larger trees cost more to verify than they can return; also bounds the [n, n] mask
 LATENCY_HELP = ('JSON {"target_ms": {"1": 20.5, "16": 21.0, ...}, "draft_step_ms": 3.1}: target forward time '
                 'for n tree tokens (n = 1 required), and one draft growth step')
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad input on one line and exits with status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # ---------------------------------------------------------------- inputs
@@ -135,15 +130,6 @@ def _check_size(n: int) -> None:
 
 # ---------------------------------------------------------------- outputs
 
-def write_record(out: Path, record: dict) -> Path:
-    """The JSON beside a written growmap, atomically."""
-    path = out.with_suffix(".json")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def shape_summary(growmap: Growmap) -> dict:
     return {"size": growmap.size, "depth": growmap.max_depth, "nodes_per_depth": growmap.nodes_per_depth(),
             "first_child_path_len": growmap.first_child_path_len()}
@@ -155,7 +141,7 @@ def _command(argv: Sequence[str]) -> str:
 
 def _save(growmap: Growmap, out: Path, record: dict) -> None:
     save_growmap(growmap, out)
-    write_record(out, record)
+    write_json(out.with_suffix(".json"), record)
     print(f"wrote {out} ({growmap.size} nodes, depth {growmap.max_depth}) and {out.with_suffix('.json')}")
 
 
@@ -336,13 +322,10 @@ SEQUOIA_LEVELS = 10
 
 def _load_models(args: argparse.Namespace, max_len: int):
     """(ModelPair, device, dtype) for --target/--model/--device/--dtype, each model with max_len cache slots."""
-    import transformers
-
-    from utils.cli import resolve_device, resolve_dtype
+    from utils.cli import quiet_transformers, resolve_device, resolve_dtype
     from utils.experiment import load_pair
 
-    transformers.utils.logging.set_verbosity_error()  # as utils.cli.run_cli: keep stderr to our own lines
-    transformers.utils.logging.disable_progress_bar()
+    quiet_transformers()  # as utils.cli.run_cli: keep stderr to our own lines
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     return load_pair(args.target, args.model, True, dtype, device, max_len), device, dtype
@@ -356,28 +339,16 @@ def _environment(device: str, dtype: torch.dtype) -> dict:
             "hardware": hardware(), "versions": library_versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- measuring: acceptance vector
 
-def teacher_forced_logits(model, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def target_vocab_logits(model, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """One causal forward of a TreeModel over tokens [L] (slots and positions 0..L-1) -> logits [r, V] of
     `rows` over the target vocabulary (-inf on tokens a vocabulary-subset draft cannot propose)."""
-    from engine.tree_mask import causal_mask
+    from engine.drafters import teacher_forced_logits
+    from utils.potential import to_target_vocab
 
-    length = tokens.shape[0]
-    slots = torch.arange(length, device=model.device)
-    logits = model.forward(tokens, slots, slots, causal_mask(length, 0, model.device), logits_rows=rows)  # [r, own V]
-    if model.output_ids is None:
-        return logits
-    full = logits.new_full((logits.shape[0], model.target_vocab_size), float("-inf"))
-    full[:, model.output_ids] = logits
-    return full
+    logits = teacher_forced_logits(model, tokens, rows)                                   # [r, own V]
+    return to_target_vocab(logits, model.output_ids, model.target_vocab_size, float("-inf"))
 
 
 def prompt_counts(pair, prompt_ids: list[int], steps: int, width: int, sampling, generator: torch.Generator) -> torch.Tensor:
@@ -393,8 +364,8 @@ def prompt_counts(pair, prompt_ids: list[int], steps: int, width: int, sampling,
     continuation = autoregressive_generate(pair.target, prompt_ids, steps, pair.eos_ids, sampling, generator).output_ids
     tokens = torch.tensor(prompt_ids + continuation[:-1], dtype=torch.long, device=device)  # [L]
     rows = torch.arange(len(prompt_ids) - 1, tokens.shape[0], device=device)               # [len(continuation)]
-    target_logits = teacher_forced_logits(pair.target, tokens, rows)                        # [n, V]
-    draft_logits = teacher_forced_logits(pair.draft, tokens, rows)                          # [n, V]
+    target_logits = target_vocab_logits(pair.target, tokens, rows)                          # [n, V]
+    draft_logits = target_vocab_logits(pair.draft, tokens, rows)                            # [n, V]
     return acceptance_counts(target_logits, draft_logits, width, sampling, generator)
 
 
@@ -455,7 +426,7 @@ def cmd_acceptance(args: argparse.Namespace, argv: Sequence[str]) -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(vec, out)
-    _write_json(out.with_suffix(".json"), record)
+    write_json(out.with_suffix(".json"), record)
     shown = " ".join(f"{x:.4f}" for x in vec[1:9].tolist())
     print(f"{record['positions']} positions over {len(prompts)} prompts; p[1..{min(width, 8)}] = {shown}; "
           f"ranks sum {float(vec.sum()):.4f}, none accepted {none:.4f}")
@@ -498,14 +469,9 @@ def tree_inputs(size: int, prefix: int, vocab: int, shape: str, generator: torch
 
 def _timed_ms(call, device: str) -> float:
     """Wall time of call() in ms, synchronising CUDA before and after."""
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    call()
-    if cuda:
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1000.0
+    with wall_clock(device) as elapsed:
+        call()
+    return elapsed[0] * 1000.0
 
 
 def time_round_robin(calls: dict[str, object], repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
@@ -573,7 +539,7 @@ def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
         "timings_ms": per, "prefix": args.prefix, "tree": args.tree, "repeats": repeats, "warmup": warmup,
         "seed": args.seed, **_environment(device, dtype),
     }
-    _write_json(out, record)
+    write_json(out, record)
     print(f"{'tokens':>6} {'target ms':>10} {'min':>8} {'max':>8}")
     for n, ms in per["target"].items():
         print(f"{n:>6} {median['target'][n]:>10.3f} {min(ms):>8.3f} {max(ms):>8.3f}")
@@ -597,7 +563,7 @@ def _add_acceptance(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m utils.growmap_tool", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m utils.growmap_tool", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True,
                                      metavar="{build,search,inspect,acceptance,latency}")
@@ -645,7 +611,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_acceptance_command(commands) -> None:
-    from utils.cli import add_model_flags
     from utils.config import DEFAULTS
 
     sub = commands.add_parser(
@@ -656,23 +621,16 @@ def _add_acceptance_command(commands) -> None:
                     "child was accepted (Sequoia, arXiv 2402.12374). Writes a .pt (1-D tensor, index 0 padding, "
                     "'none accepted' dropped) and a .json record beside it; both feed search --acceptance as they are.")
     add_model_flags(sub)
-    sub.add_argument("--dataset", default=DEFAULTS.dataset,
-                     help="builtin, cnn, openwebtext, c4, mtbench, or a .json/.jsonl/.txt file or save_to_disk folder")
-    sub.add_argument("--start", type=int, default=DEFAULTS.start, help="first prompt index (inclusive)")
-    sub.add_argument("--end", type=int, default=DEFAULTS.end, help="last prompt index (exclusive)")
-    sub.add_argument("--prompt-len", type=int, default=DEFAULTS.prompt_len, help="prompt tokens kept per row")
+    add_prompt_flags(sub)
     sub.add_argument("--T", type=float, default=DEFAULTS.T, help="temperature; 0 = greedy")
     sub.add_argument("--P", type=float, default=DEFAULTS.P, help="top-p nucleus mass in (0, 1], used when T > 0")
     sub.add_argument("--width", type=int, default=32, help="children drafted per position (ranks measured); default 32")
     sub.add_argument("--steps-per-prompt", type=int, default=DEFAULTS.max_new_tokens,
                      help=f"continuation tokens (positions) per prompt; default {DEFAULTS.max_new_tokens}")
-    sub.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed; prompt i uses seed + i")
     sub.add_argument("-o", "--output", required=True, help="vector to write (.pt); a .json record goes beside it")
 
 
 def _add_latency_command(commands) -> None:
-    from utils.cli import add_model_flags
-
     sub = commands.add_parser(
         "latency", help="time the target per tree size and one draft step (-> search --latency)",
         description="Time one target forward over n tree tokens after --prefix cached tokens for each n in --sizes, "

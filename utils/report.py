@@ -6,12 +6,15 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 
 def library_versions() -> dict:
+    """Versions that change numerics or speed, recorded in every result file."""
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__,
@@ -19,16 +22,40 @@ def library_versions() -> dict:
 
 
 def hardware() -> dict:
+    """Where a run happened: CPU, torch threads and the GPU if any (timings mean nothing without it)."""
     info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write through a temp file and a rename, so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> Path:
+    """`data` as indented JSON at `path` (parent folders created), atomically; returns `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    return path
+
+
+@contextmanager
+def wall_clock(device: torch.device | str) -> Iterator[list[float]]:
+    """Wall seconds of the block, synchronising CUDA on both sides (kernels are asynchronous);
+    yields a one-element list filled at exit."""
+    cuda = torch.device(device).type == "cuda"
+    elapsed = [0.0]
+    if cuda:
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    yield elapsed
+    if cuda:
+        torch.cuda.synchronize(device)
+    elapsed[0] = time.perf_counter() - started
 
 
 def write_results(results_dir: str, script: str, summary: dict, rows: list[dict]) -> Path:
@@ -41,8 +68,8 @@ def write_results(results_dir: str, script: str, summary: dict, rows: list[dict]
     while base.with_suffix(".json").exists():
         base = folder / f"{script}-{stamp}-{suffix}"
         suffix += 1
-    _atomic_write(base.with_suffix(".jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
-    _atomic_write(base.with_suffix(".json"), json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(base.with_suffix(".jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_text(base.with_suffix(".json"), json.dumps(summary, indent=2, default=str) + "\n")
     return base.with_suffix(".json")
 
 
