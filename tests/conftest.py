@@ -5,10 +5,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# Unit tests use tiny models, for which one thread is fastest and immune to a busy machine's other processes;
+# the integration test raises it again for the real model.
+UNIT_TEST_THREADS = 1
+DEFAULT_THREADS = torch.get_num_threads()
+torch.set_num_threads(UNIT_TEST_THREADS)
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<eos>", "<|user|>", "<|assistant|>"]
 # Every word is its own token; anything else becomes <unk>, so any text tokenizes.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ SCRIPT = str(REPO_ROOT / "test_greedyS.py")
 def run_script(*args: str, script: str = SCRIPT, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO_ROOT, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                              "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false"})
+                                              "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false",
+                                              "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +89,34 @@ BAD_INPUTS = {
 }
 
 
+def run_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """Run the script's __main__ in this process (saves a torch import per case); (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *args])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = 0
+    try:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_is_one_line_exit_2(case, tiny_args, tiny_model_dirs, tmp_path):
+def test_bad_input_is_one_line_exit_2(case, tiny_args, tiny_model_dirs, tmp_path, monkeypatch, capsys):
     if case == "cuda without gpu" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     extra, expected = BAD_INPUTS[case]
     extra = [value.replace("{bad}", _bad_growmap(tmp_path) if "{bad}" in value else "")
              .replace("{other_vocab}", tiny_model_dirs["other_vocab"]) if "{" in value else value for value in extra]
-    completed = run_script(*tiny_args, *extra)
-    assert completed.returncode == 2, completed.stderr
-    lines = completed.stderr.strip().splitlines()
-    assert len(lines) == 1, completed.stderr
+    code, stderr = run_in_process(monkeypatch, capsys, *tiny_args, *extra)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert expected in lines[0]
-    assert "Traceback" not in completed.stderr
+
+
+def test_bad_input_in_a_fresh_process_is_one_line(tiny_args):
+    """One case as a real subprocess: no traceback, no stray output from library imports."""
+    completed = run_script(*tiny_args, "--P", "1.5")
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == ["error: --P must be in (0, 1], got 1.5"]

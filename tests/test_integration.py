@@ -10,6 +10,7 @@ from engine.decoder import autoregressive_generate, speculative_generate
 from engine.drafters import StaticTreeDrafter
 from engine.growmap import load_growmap
 from engine.sampling import Sampling
+from tests.conftest import DEFAULT_THREADS, UNIT_TEST_THREADS
 from utils.config import DEFAULTS
 from utils.data import load_prompts
 from utils.experiment import load_pair
@@ -22,8 +23,10 @@ pytestmark = [pytest.mark.integration,
 
 @pytest.fixture(scope="module")
 def pair():
+    torch.set_num_threads(DEFAULT_THREADS)  # the real model wants every core; unit tests run on one
     draft = default_draft_for(None) or resolve_model_path(None)  # the shipped draft, else the target itself
-    return load_pair(None, draft, True, torch.float32, "cpu", 512)
+    yield load_pair(None, draft, True, torch.float32, "cpu", 512)
+    torch.set_num_threads(UNIT_TEST_THREADS)
 
 
 def test_speculative_equals_autoregressive_and_generate(pair):
