@@ -17,7 +17,12 @@ EXIT_BAD_INPUT = 2
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line on stderr (no usage block) and exits with status 2."""
+    """argparse that reports a bad flag as one line on stderr (no usage block) and exits with status 2, and
+    shows every flag's default in --help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
