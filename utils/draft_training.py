@@ -63,11 +63,11 @@ class TrainSettings:
     distill: bool = False
     distill_tokens: int = 1_000_000
     distill_workers: int = 1
-    distill_temperatures: str = "0,0,0.7,1.0"
-    distill_max_new_tokens: int = 256
-    distill_batch_size: int = 128
-    distill_top_k: int = 16
-    distill_dtype: str = "bfloat16"
+    distill_temperatures: str = ",".join(f"{t:g}" for t in DistillSettings.temperatures)
+    distill_max_new_tokens: int = DistillSettings.max_new_tokens
+    distill_batch_size: int = DistillSettings.batch_size
+    distill_top_k: int = DistillSettings.top_k
+    distill_dtype: str = DistillSettings.dtype
     loss: str = "ce"
     kl_weight: float = 0.5
     seq_len: int = 512
