@@ -164,7 +164,8 @@ class StaticTreeDrafter:
             tokens[step.child_nodes] = picks.flatten()[step.pick_positions]
             if probs is not None:
                 draft_probs.update(zip(step.expanded_ids, probs.unbind(0)))
-        return CandidateTree(tokens, self.parents, self.depth, self.ancestors, draft_probs)
+        return CandidateTree(tokens, self.parents, self.depth, self.ancestors, draft_probs,
+                             child_lists=self.growmap.successors)
 
     def accept(self, path: list[int]) -> None:
         self.cache.accept(path)

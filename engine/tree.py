@@ -15,6 +15,9 @@ class CandidateTree:
     # draft distribution each expanded node's children were sampled from ([V] float32, target vocabulary);
     # filled only when children are sampled (multi-draft speculative sampling needs it)
     draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    # child indices per node in rank order, when the drafter already knows them (a static tree's never change),
+    # so the sampling verifiers need not read `parents` back from the device every step
+    child_lists: list[list[int]] | None = None
 
     @property
     def size(self) -> int:
@@ -22,6 +25,8 @@ class CandidateTree:
 
     def children(self) -> list[list[int]]:
         """Child indices of each node, in drafting order (child rank)."""
+        if self.child_lists is not None:
+            return self.child_lists
         kids: list[list[int]] = [[] for _ in range(self.size)]
         for node, parent in enumerate(self.parents.tolist()):
             if parent >= 0:
