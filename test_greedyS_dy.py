@@ -3,7 +3,7 @@
 in one forward pass. Flags, modes and result files are those of test_greedyS.py, plus the tree's budget,
 width, depth and score; the per-prompt results record each step's tree shape (nodes per depth).
 
-Example (the original's command: --growmap only sets the default budget, here 64 nodes):
+Example (the original's command: --growmap only sets the default budget and depth, here 64 nodes and 9):
   python test_greedyS_dy.py --model JackFram/llama-68m --target meta-llama/Llama-2-7b-hf --T 0.6 --P 0.9 \
       --start 0 --end 200 --Mode greedy --M 1024 --growmap ./growmaps/68m_7b-64.pt --dataset cnn --W 8 --D 9
 """
@@ -20,13 +20,16 @@ from utils.errors import UserError
 from utils.experiment import execute
 
 
-def resolve_budget(args: argparse.Namespace) -> int:
-    """--B, else the size of a --growmap given on the command line, else the suite's default budget."""
-    if args.B is not None:
-        return args.B
+def resolve_shape(args: argparse.Namespace) -> tuple[int, int]:
+    """(--B, --D), each defaulting to the size / depth of a --growmap given on the command line, else of the
+    default growmap: equal budget and depth give the static and the dynamic tree the same node count and the
+    same number of sequential draft forwards per step."""
     if args.growmap != DEFAULTS.growmap:
-        return load_growmap(args.growmap).size
-    return DEFAULTS.B
+        growmap = load_growmap(args.growmap)
+        size, depth = growmap.size, growmap.max_depth
+    else:
+        size, depth = DEFAULTS.B, DEFAULTS.D
+    return (size if args.B is None else args.B), (depth if args.D is None else args.D)
 
 
 def validate_tree_flags(args: argparse.Namespace) -> None:
@@ -46,17 +49,20 @@ def validate_tree_flags(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = decoding_parser(__doc__, "test_greedyS_dy", ", with tree_shapes")
     parser.add_argument("--growmap", default=DEFAULTS.growmap,
-                        help="accepted for the original's commands: only supplies the default --B (its size)")
+                        help="accepted for the original's commands: only supplies the default --B and --D (its size "
+                             "and depth)")
     parser.add_argument("--B", type=int, default=None,
                         help=f"node budget, root included (default: the --growmap's size; {DEFAULTS.B} for the default)")
     parser.add_argument("--W", type=int, default=DEFAULTS.W, help="children per expanded node, nodes expanded per level")
-    parser.add_argument("--D", type=int, default=DEFAULTS.D, help="depth limit (draft forwards per step)")
+    parser.add_argument("--D", type=int, default=None,
+                        help=f"depth limit, draft forwards per step (default: the --growmap's depth; {DEFAULTS.D} for "
+                             "the default)")
     parser.add_argument("--score", default=DEFAULTS.score, choices=SCORES,
                         help="logprob = cumulative draft log-probability (EAGLE-2); original = the original's "
                              "depth-weighted cumulative logit (not with --verify specinfer)")
     args = parser.parse_args()
     validate_common(args)
-    args.B = resolve_budget(args)
+    args.B, args.D = resolve_shape(args)
     validate_tree_flags(args)
     args.record_shapes = True
     meta = {"dynamic_tree": {"budget": args.B, "width": args.W, "max_depth": args.D, "score": args.score}}

@@ -12,11 +12,14 @@ from engine.drafters import append_tokens
 from engine.model import TreeModel
 from engine.sampling import Sampling, probs_from_logits, sample
 from engine.tree import CandidateTree
-from engine.tree_mask import tree_attention_mask
+from engine.tree_mask import causal_mask, tree_attention_mask
 from engine.verifiers import verify
 
 
 class Drafter(Protocol):
+    uses_target_features: bool  # wants the target's hidden states of committed slots (feature drafts)
+
+    def record_target_features(self, start_slot: int, features: torch.Tensor) -> None: ...
     def reset(self) -> None: ...
     def propose(self, committed: torch.Tensor, generator: torch.Generator) -> CandidateTree: ...
     def accept(self, path: list[int]) -> None: ...
@@ -81,8 +84,15 @@ def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[i
     started = time.perf_counter()
     committed = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     drafter.reset()
+    features = drafter.uses_target_features
     if len(prompt_ids) > 1:
-        append_tokens(target, committed[:-1], 0, last_logits=False)
+        if features:
+            slots = torch.arange(len(prompt_ids) - 1, device=device)
+            _, hidden = target.forward(committed[:-1], slots, slots, causal_mask(len(prompt_ids) - 1, 0, device),
+                                       logits_rows=slots[:0], return_hidden=True)
+            drafter.record_target_features(0, hidden)
+        else:
+            append_tokens(target, committed[:-1], 0, last_logits=False)
     result = DecodeResult(output_ids=[], target_steps=0)
     timer.start()
     done = max_new_tokens <= 0
@@ -92,11 +102,15 @@ def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[i
         root_slot = committed.shape[0] - 1
         nodes = torch.arange(tree.size, device=device)
         mask = tree_attention_mask(tree.ancestors, nodes, root_slot)
-        logits = target.forward(tree.tokens, root_slot + tree.depth, root_slot + nodes, mask)
+        logits = target.forward(tree.tokens, root_slot + tree.depth, root_slot + nodes, mask, return_hidden=features)
+        if features:
+            logits, hidden = logits
         verdict = verify(verifier, tree, logits, sampling, generator)
         timer.lap("verification")
-        kept_slots = root_slot + torch.tensor([0] + verdict.path, device=device)
-        target.cache.keep(kept_slots, root_slot)
+        kept = torch.tensor([0] + verdict.path, device=device)
+        target.cache.keep(root_slot + kept, root_slot)
+        if features:
+            drafter.record_target_features(root_slot, hidden[kept])
         drafter.accept(verdict.path)
         step_tokens = tree.tokens[verdict.path].tolist() + [verdict.bonus]
         step_tokens, done = _finish(step_tokens, max_new_tokens - len(result.output_ids), eos_ids)

@@ -29,42 +29,84 @@ def append_tokens(model: TreeModel, token_ids: torch.Tensor, start: int, last_lo
     return logits[0] if last_logits else None
 
 
-def teacher_forced_logits(model: TreeModel, token_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def teacher_forced_logits(model: TreeModel, token_ids: torch.Tensor, rows: torch.Tensor,
+                          target: TreeModel | None = None, self_fed: bool = False) -> torch.Tensor:
     """One causal forward over a whole text from slot 0: token_ids [L] long (target ids), rows [r] long.
 
     Returns the next-token logits of `rows` over the model's own vocabulary, [r, own vocab]: every position's
     distribution from a single forward, which is how draft quality is measured without decoding.
+    A feature draft needs the `target` (its features are the input). With `self_fed` it reads its own
+    predicted feature of the previous position instead of the target's, as every tree node below depth 1
+    does: a second forward, fed the first one's predictions.
     """
     length = token_ids.shape[0]
     slots = torch.arange(length, device=model.device)
-    return model.forward(token_ids, slots, slots, causal_mask(length, 0, model.device), logits_rows=rows)
+    mask = causal_mask(length, 0, model.device)
+    if not model.uses_target_features:
+        return model.forward(token_ids, slots, slots, mask, logits_rows=rows)
+    if target is None:
+        raise ValueError("a feature draft's logits need the target's features: pass target=")
+    _, features = target.forward(token_ids, slots, slots, mask, logits_rows=rows[:0], return_hidden=True)
+    previous = torch.cat([features.new_zeros(1, features.shape[1]), features[:-1]])
+    logits, predicted = model.forward(token_ids, slots, slots, mask, logits_rows=rows, prev_features=previous)
+    if self_fed:
+        previous = torch.cat([predicted.new_zeros(1, predicted.shape[1]), predicted[:-1]])
+        logits, _ = model.forward(token_ids, slots, slots, mask, logits_rows=rows, prev_features=previous)
+    return logits
 
 
 class DraftCache:
-    """Which committed tokens the draft's cache holds, and which tree nodes it ran this step."""
+    """Which committed tokens the draft's cache holds, and which tree nodes it ran this step.
+
+    For a feature draft (engine/feature_draft.py) it also keeps the target's feature of every committed slot
+    (`record_target_features`, fed by the decoder after each target forward): slot p runs with the feature of
+    slot p - 1. Tree nodes run on predicted features, so `accept` keeps none of them: the next `catch_up` runs
+    the accepted tokens again with the target's real features, in one forward.
+    """
 
     def __init__(self, draft: TreeModel) -> None:
         self.draft = draft
+        self.uses_features = draft.uses_target_features
         self.cached_len = 0
         self.root_slot = 0
         self.ran_nodes: set[int] = set()
+        self.root_feature: torch.Tensor | None = None
+        # row p + 1 holds the target's feature of slot p; row 0 stays zero (slot 0 has no previous position)
+        self.feature_log = torch.zeros(draft.max_len + 1, draft.hidden_size, dtype=draft.dtype,
+                                       device=draft.device) if self.uses_features else None
 
     def reset(self) -> None:
         self.cached_len = 0
+
+    def record_target_features(self, start_slot: int, features: torch.Tensor) -> None:
+        """features: [n, d] the target's final hidden states at slots [start_slot, start_slot + n)."""
+        if self.uses_features:
+            self.feature_log[start_slot + 1:start_slot + 1 + features.shape[0]] = features
 
     def catch_up(self, committed: torch.Tensor) -> torch.Tensor:
         """committed: [L] long, all committed tokens (the last one is this step's root).
         Runs the unseen ones and returns the root's next-token logits [draft vocab]."""
         length = committed.shape[0]
-        logits = append_tokens(self.draft, committed[self.cached_len:], self.cached_len)
+        if self.uses_features:
+            start = self.cached_len
+            slots = torch.arange(start, length, device=self.draft.device)
+            rows = torch.tensor([length - 1 - start], device=self.draft.device)
+            logits, hidden = self.draft.forward(committed[start:], slots, slots, causal_mask(length - start, start,
+                                                                                            self.draft.device),
+                                                logits_rows=rows, prev_features=self.feature_log[slots])
+            logits, self.root_feature = logits[0], hidden[-1]
+        else:
+            logits = append_tokens(self.draft, committed[self.cached_len:], self.cached_len)
         self.cached_len = length
         self.root_slot = length - 1
         self.ran_nodes = {0}
         return logits
 
     def run_nodes(self, nodes: torch.Tensor, node_ids: list[int], tree_tokens: torch.Tensor, depth: torch.Tensor,
-                  ancestors: torch.Tensor, tree_size: int) -> torch.Tensor:
-        """Run tree nodes [r] long (their ancestors already ran) and return their logits [r, draft vocab].
+                  ancestors: torch.Tensor, tree_size: int,
+                  prev_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run tree nodes [r] long (their ancestors already ran); returns their logits [r, draft vocab] and, for
+        a feature draft, their predicted features [r, d] (prev_features [r, d]: their parents' predictions).
 
         node_ids: the same nodes as Python ints, for the bookkeeping (reading `nodes` back would sync CUDA).
         tree_tokens, depth: [>= tree_size] long; ancestors: [>= tree_size, >= tree_size] bool.
@@ -72,13 +114,17 @@ class DraftCache:
         slots = self.root_slot + nodes
         mask = tree_attention_mask(ancestors[:tree_size, :tree_size], nodes, self.root_slot)
         self.ran_nodes.update(node_ids)
-        return self.draft.forward(tree_tokens[nodes], self.root_slot + depth[nodes], slots, mask)
+        positions = self.root_slot + depth[nodes]
+        if self.uses_features:
+            return self.draft.forward(tree_tokens[nodes], positions, slots, mask, prev_features=prev_features)
+        return self.draft.forward(tree_tokens[nodes], positions, slots, mask), None
 
     def accept(self, path: list[int]) -> None:
-        """Keep the accepted nodes the draft ran (a prefix of the path: a node runs only after its parent)."""
+        """Keep the accepted nodes the draft ran (a prefix of the path: a node runs only after its parent);
+        a feature draft keeps none (they ran on predicted features)."""
         ran = []
         for node in path:
-            if node not in self.ran_nodes:
+            if node not in self.ran_nodes or self.uses_features:
                 break
             ran.append(node)
         if ran:
@@ -137,6 +183,7 @@ class StaticTreeDrafter:
         device = draft.device
         self.draft, self.growmap, self.sampling, self.sample_children = draft, growmap, sampling, sample_children
         self.cache = DraftCache(draft)
+        self.uses_target_features = draft.uses_target_features
         self.parents = growmap.parents.to(device)
         self.depth = growmap.depth.to(device)
         self.ancestors = growmap.mask.to(device)
@@ -146,19 +193,29 @@ class StaticTreeDrafter:
     def reset(self) -> None:
         self.cache.reset()
 
+    def record_target_features(self, start_slot: int, features: torch.Tensor) -> None:
+        self.cache.record_target_features(start_slot, features)
+
     def propose(self, committed: torch.Tensor, generator: torch.Generator) -> CandidateTree:
         """committed: [L] long. Returns the filled tree whose root is committed[-1]."""
         size = self.growmap.size
         tokens = torch.zeros(size, dtype=torch.long, device=self.draft.device)
         tokens[0] = committed[-1]
         root_logits = self.cache.catch_up(committed)
+        node_features = None
+        if self.uses_target_features:  # each run node's predicted feature, read by its children
+            node_features = self.cache.root_feature.new_zeros(size, self.cache.root_feature.shape[0])
+            node_features[0] = self.cache.root_feature
         draft_probs: dict[int, torch.Tensor] = {}
         for step in self.steps:
             if step.expanded_ids == [0]:  # catch_up already ran the root
                 logits = root_logits[None]
             else:
-                logits = self.cache.run_nodes(step.expanded, step.expanded_ids, tokens, self.depth, self.ancestors,
-                                              size)
+                prev = None if node_features is None else node_features[self.parents[step.expanded]]
+                logits, predicted = self.cache.run_nodes(step.expanded, step.expanded_ids, tokens, self.depth,
+                                                         self.ancestors, size, prev)
+                if predicted is not None:
+                    node_features[step.expanded] = predicted
             picks, probs = draft_children(self.draft, logits, step.width, self.sampling, self.sample_children,
                                           generator)
             tokens[step.child_nodes] = picks.flatten()[step.pick_positions]

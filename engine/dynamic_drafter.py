@@ -66,7 +66,7 @@ def check_score(score: str, sample_children: bool) -> None:
 
 def own_ids(draft: TreeModel, target_ids: torch.Tensor) -> torch.Tensor:
     """Target-vocabulary ids [...] -> the draft's own logit columns [...]."""
-    return target_ids if draft.input_map is None else draft.input_map[target_ids]
+    return target_ids if draft.column_of is None else draft.column_of[target_ids]
 
 
 def expected_draw_logprob(draft_probs: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
@@ -95,6 +95,7 @@ class DynamicTreeDrafter:
         self.draft, self.sampling, self.sample_children = draft, sampling, sample_children
         self.budget, self.width, self.max_depth, self.score = budget, width, max_depth, score
         self.cache = DraftCache(draft)
+        self.uses_target_features = draft.uses_target_features
         self.max_runs = 1 + min(width, budget - 1) * (max_depth - 1)
         self.run_of_node: list[int] = [0]
 
@@ -105,6 +106,9 @@ class DynamicTreeDrafter:
 
     def reset(self) -> None:
         self.cache.reset()
+
+    def record_target_features(self, start_slot: int, features: torch.Tensor) -> None:
+        self.cache.record_target_features(start_slot, features)
 
     def edge_scores(self, logits: torch.Tensor, picks: torch.Tensor, probs: torch.Tensor | None,
                     depth: int) -> torch.Tensor:
@@ -144,6 +148,10 @@ class DynamicTreeDrafter:
         run_parents = torch.full((self.max_runs,), -1, dtype=torch.long, device=device)
         run_depth = torch.zeros(self.max_runs, dtype=torch.long, device=device)
         probs_of_run: dict[int, torch.Tensor] = {}
+        run_features = None
+        if self.uses_target_features:  # each run node's predicted feature, read by its children
+            run_features = self.cache.root_feature.new_zeros(self.max_runs, self.cache.root_feature.shape[0])
+            run_features[0] = self.cache.root_feature
         frontier, logits, runs = torch.zeros(1, dtype=torch.long, device=device), root_logits[None], 1
         level_start = 0  # index of the newest level's first node
         for depth in range(1, self.max_depth + 1):
@@ -158,8 +166,11 @@ class DynamicTreeDrafter:
                 run_parents[new_runs] = run_index[torch.cat(parents)[frontier]]
                 run_depth[new_runs] = depth - 1
                 ancestors = ancestor_mask_from_parents(run_parents[:runs + new_count])
-                logits = self.cache.run_nodes(new_runs, list(range(runs, runs + new_count)), run_tokens, run_depth,
-                                              ancestors, runs + new_count)
+                prev = None if run_features is None else run_features[run_parents[new_runs]]
+                logits, predicted = self.cache.run_nodes(new_runs, list(range(runs, runs + new_count)), run_tokens,
+                                                         run_depth, ancestors, runs + new_count, prev)
+                if predicted is not None:
+                    run_features[new_runs] = predicted
                 runs += new_count
             picks, probs = draft_children(self.draft, logits, self.width, self.sampling, self.sample_children,
                                           generator)

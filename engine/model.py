@@ -29,27 +29,34 @@ class TreeModel:
 
     def __init__(self, hf_model: nn.Module, max_len: int, input_map: torch.Tensor | None = None,
                  output_ids: torch.Tensor | None = None) -> None:
-        config = hf_model.config
-        self.hf_model = hf_model
         body = hf_model.model
-        self.embed = body.embed_tokens
-        self.layers = list(body.layers)
-        self.norm = body.norm
-        self.lm_head = hf_model.lm_head
-        self.rotary = body.rotary_emb
+        self.hf_model = hf_model
+        self._setup(hf_model.config, body.embed_tokens, list(body.layers), body.norm, hf_model.lm_head,
+                    body.rotary_emb, max_len, input_map, output_ids)
+
+    def _setup(self, config, embed: nn.Module, layers: list[nn.Module], norm: nn.Module, lm_head: nn.Linear,
+               rotary: nn.Module, max_len: int, input_map: torch.Tensor | None,
+               output_ids: torch.Tensor | None) -> None:
+        self.embed, self.layers, self.norm, self.lm_head, self.rotary = embed, layers, norm, lm_head, rotary
         self.num_heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.vocab_size = self.lm_head.out_features
-        param = next(hf_model.parameters())
+        self.hidden_size = config.hidden_size
+        self.vocab_size = lm_head.out_features
+        param = next(lm_head.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.input_map = None if input_map is None else input_map.to(self.device)
         self.output_ids = None if output_ids is None else output_ids.to(self.device)
+        # target id -> column of this model's logits (None: the columns are target ids); a subset draft reads
+        # and writes the same ids, so its input map is also its column map
+        self.column_of = self.input_map
         self.cache = KVCache(len(self.layers), self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
 
     @property
     def max_len(self) -> int:
         return self.cache.max_len
+
+    uses_target_features = False  # True for drafts that read the target's hidden states (engine/feature_draft.py)
 
     @property
     def target_vocab_size(self) -> int:
@@ -61,37 +68,61 @@ class TreeModel:
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
-                attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run n new tokens and return their next-token logits.
 
         token_ids: [n] long target-vocabulary ids; positions: [n] long RoPE positions;
         kv_slots: [n] long cache slots to write; attn_mask: [n, S] bool over cache slots [0, S)
         (True = attend; S must cover every slot written); logits_rows: optional [r] long rows to project
         through the LM head (prefill only needs the last). Returns [n or r, vocab] float32 logits over the
-        model's own vocabulary (map columns with `to_target_ids`).
+        model's own vocabulary (map columns with `to_target_ids`); with return_hidden also the final
+        (normed) hidden states of all n tokens, [n, d] — the features a feature-level draft reads.
         """
         if self.input_map is not None:
             token_ids = self.input_map[token_ids]
-        n, kv_len = token_ids.shape[0], attn_mask.shape[1]
-        hidden = self.embed(token_ids)[None]                          # [1, n, d]
-        cos, sin = self.rotary(hidden, positions[None])               # [1, n, head_dim]
-        cos, sin = cos[:, None], sin[:, None]
+        hidden = self.run_layers(self.embed(token_ids), positions, kv_slots, attn_mask)
+        rows = hidden if logits_rows is None else hidden[logits_rows]
+        logits = self.lm_head(rows).float()
+        return (logits, hidden) if return_hidden else logits
+
+    def run_layers(self, embedded: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
+                   attn_mask: torch.Tensor) -> torch.Tensor:
+        """The decoder stack over the cache: embedded [n, d] -> final normed hidden states [n, d]."""
+        kv_len = attn_mask.shape[1]
         mask = attn_mask[None, None]                                  # [1, 1, n, S]
-        for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(1, n, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+        gqa = self.kv_heads != self.num_heads
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.cache.write(index, kv_slots, k[0], v[0])
             keys, values = self.cache.read(index, kv_len)
-            out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask,
-                                                 enable_gqa=self.kv_heads != self.num_heads)
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(1, n, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = self.norm(hidden[0])
-        if logits_rows is not None:
-            hidden = hidden[logits_rows]
-        return self.lm_head(hidden).float()
+            return F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, enable_gqa=gqa)
+
+        hidden = decoder_stack(self.layers, embedded[None], self.rotary, positions[None], self.num_heads,
+                               self.kv_heads, self.head_dim, attend)
+        return self.norm(hidden[0])
+
+
+def decoder_stack(layers: list[nn.Module], hidden: torch.Tensor, rotary: nn.Module, positions: torch.Tensor,
+                  num_heads: int, kv_heads: int, head_dim: int, attend) -> torch.Tensor:
+    """Llama decoder layers (pre-norm attention + MLP) over hidden [b, n, d] at positions [b, n].
+
+    `attend(layer_index, q, k, v)` does the attention itself (q [b, heads, n, hd], k/v [b, kv_heads, n, hd],
+    RoPE applied) and returns [b, heads, n, hd]: the engine reads and writes its KV cache there, training
+    uses a plain causal attention. Shared so that a feature draft trains and runs through the same code.
+    """
+    b, n = hidden.shape[:2]
+    cos, sin = rotary(hidden, positions)
+    cos, sin = cos[:, None], sin[:, None]
+    for index, layer in enumerate(layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(b, n, num_heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, n, kv_heads, head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, n, kv_heads, head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = attend(index, q, k, v)
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden

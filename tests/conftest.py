@@ -84,3 +84,12 @@ def tiny_model_dirs(tmp_path_factory, tiny_tokenizer):
         tiny_tokenizer.save_pretrained(folder)
         dirs[name] = str(folder)
     return dirs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared (use with `pytestmark`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,6 +25,10 @@ class RecordingDrafter:
 
     def __init__(self, inner: DynamicTreeDrafter) -> None:
         self.inner, self.trees = inner, []
+        self.uses_target_features = inner.uses_target_features
+
+    def record_target_features(self, start_slot: int, features: torch.Tensor) -> None:
+        self.inner.record_target_features(start_slot, features)
 
     def reset(self) -> None:
         self.inner.reset()
@@ -38,13 +42,7 @@ class RecordingDrafter:
         self.inner.accept(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

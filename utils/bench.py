@@ -231,6 +231,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dynamic tree depth limit (default: the growmap's depth)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}; generate always runs (the reference)")
+    parser.add_argument("--assistant", default=None,
+                        help="token-level draft for transformers' assisted generation (default: --model, or the "
+                             "suite's token-level draft for the target when --model is a feature draft, which "
+                             "transformers cannot run)")
     parser.add_argument("--hf-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="dtype of transformers' methods; auto = the faster of the two on the warm-up prompt, "
                              "per method")
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     from utils.cli import quiet_transformers, resolve_dtype
     from utils.data import load_prompts
     from utils.experiment import load_pair
+    from utils.models import default_token_draft_for, load_hf_model
     from utils.report import emit, hardware, library_versions, write_results
 
     args = parse_args(argv)
@@ -287,10 +292,17 @@ def main(argv: list[str] | None = None) -> None:
     pair = load_pair(args.target, args.model, any(m in DRAFT_METHODS for m in methods), dtype, args.device, max_len)
     prompts = load_prompts(args.dataset, pair.tokenizer, args.start, args.end, args.prompt_len)
 
+    assistant_draft = None
+    if "assisted" in methods and (args.assistant or pair.draft.uses_target_features):
+        name = args.assistant or default_token_draft_for(args.target)
+        if name is None:
+            raise UserError("--model is a feature draft, which transformers' assisted generation cannot run: pass "
+                            "--assistant with a token-level draft, or leave assisted out of --methods")
+        assistant_draft = (name, load_hf_model(name, dtype, args.device))
     setup = prepare_methods(methods, pair, growmap, sampling, verifier, prompts[0], hf_dtype=args.hf_dtype,
                             seed=args.seed, lookup_tokens=args.prompt_lookup_tokens,
                             max_new_tokens=args.max_new_tokens, sample_children=SAMPLED_CHILDREN[verifier],
-                            dynamic=dynamic)
+                            dynamic=dynamic, assistant_draft=assistant_draft)
     for note in setup.notes:
         emit(f"note: {note}")
     bar = tqdm(total=len(prompts), desc="bench", unit="prompt", dynamic_ncols=True)

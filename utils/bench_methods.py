@@ -242,23 +242,22 @@ class BenchSetup:
     notes: list[str]
 
 
-def _assistant_for(pair: ModelPair, warm_prompt: Prompt) -> tuple[nn.Module, dict, str | None]:
-    """The draft as transformers' assistant; for a subset-vocabulary draft the wrapper, with the measured
-    one-token forward cost of the draft as is and wrapped."""
-    draft_hf = pair.draft.hf_model
-    vocab = load_draft_vocab(pair.draft_name)
+def _assistant_for(draft_name: str, draft_hf: nn.Module, warm_prompt: Prompt) -> tuple[nn.Module, dict, str | None]:
+    """A token-level draft as transformers' assistant; for a subset-vocabulary draft the wrapper, with the
+    measured one-token forward cost of the draft as is and wrapped."""
+    vocab = load_draft_vocab(draft_name)
     config = draft_hf.generation_config
     schedule = {key: getattr(config, key, None) for key in
                 ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")}
     schedule_note = "null = transformers' default (20 tokens, constant schedule, confidence threshold 0.4 in 5.x)"
     if vocab is None:
-        return draft_hf, {"kind": "the draft as is (full vocabulary)", "generation_config": schedule,
+        return draft_hf, {"draft": draft_name, "kind": "the draft as is (full vocabulary)", "generation_config": schedule,
                           "generation_config_note": schedule_note}, None
     wrapped = subset_vocab_assistant(draft_hf, vocab)
     own_ids = vocab.input_map()[torch.tensor(warm_prompt.ids)].tolist()
     own_ms, wrapped_ms = forward_ms(draft_hf, own_ids), forward_ms(wrapped, warm_prompt.ids)
     size, full = len(vocab.draft_to_target), vocab.target_vocab_size
-    info = {"kind": "subset-vocabulary wrapper (mapped embedding, head scattered into the full vocabulary)",
+    info = {"draft": draft_name, "kind": "subset-vocabulary wrapper (mapped embedding, head scattered into the full vocabulary)",
             "draft_vocab_size": size, "target_vocab_size": full, "draft_forward_ms": own_ms,
             "wrapped_forward_ms": wrapped_ms, "generation_config": schedule, "generation_config_note": schedule_note}
     note = (f"assisted: the draft predicts {size} of {full} tokens; transformers needs full-vocabulary logits, so "
@@ -312,14 +311,19 @@ def _prepare_hf_method(name: str, setup: BenchSetup, copies: ModelCopies, pair: 
 
 def prepare_methods(methods: list[str], pair: ModelPair, growmap: Growmap, sampling: Sampling, verifier: str,
                     warm_prompt: Prompt, *, hf_dtype: str, seed: int, lookup_tokens: int,
-                    max_new_tokens: int, sample_children: bool, dynamic: DynamicShape) -> BenchSetup:
+                    max_new_tokens: int, sample_children: bool, dynamic: DynamicShape,
+                    assistant_draft: tuple[str, nn.Module] | None = None) -> BenchSetup:
     """Build a warmed-up runner per method (transformers' methods first, then the suite's), and a
-    transformers generate in every dtype a method runs in, for the exactness check."""
+    transformers generate in every dtype a method runs in, for the exactness check.
+
+    assistant_draft: (name, transformers model) of the token-level draft for assisted generation; None = the
+    pair's draft (which must then be a token-level draft: transformers cannot run a feature draft)."""
     setup = BenchSetup({}, {}, {}, {}, {}, {}, [])
     copies = ModelCopies()
     assistant = None
     if "assisted" in methods:
-        assistant, setup.assistant, note = _assistant_for(pair, warm_prompt)
+        name, draft_hf = assistant_draft or (pair.draft_name, pair.draft.hf_model)
+        assistant, setup.assistant, note = _assistant_for(name, draft_hf, warm_prompt)
         setup.notes.extend([note] if note else [])
     for name in (m for m in HF_METHODS if m in methods):
         _prepare_hf_method(name, setup, copies, pair, assistant, sampling, warm_prompt, hf_dtype=hf_dtype, seed=seed,

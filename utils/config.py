@@ -11,12 +11,23 @@ DEFAULT_GROWMAP = REPO_ROOT / "growmaps" / "smollm2-cpu.pt"
 FALLBACK_BUDGET = 64
 
 
+FALLBACK_DEPTH = 9
+
+
 def default_budget(growmap: Path = DEFAULT_GROWMAP) -> int:
     """The dynamic tree's default node budget: the default growmap's size (equal budgets make static and
     dynamic trees comparable), or FALLBACK_BUDGET when that file is absent."""
     if not growmap.exists():
         return FALLBACK_BUDGET
     return load_growmap(growmap).size
+
+
+def default_depth(growmap: Path = DEFAULT_GROWMAP) -> int:
+    """The dynamic tree's default depth limit: the default growmap's depth (the same number of sequential
+    draft forwards per step as the static tree), or FALLBACK_DEPTH when that file is absent."""
+    if not growmap.exists():
+        return FALLBACK_DEPTH
+    return load_growmap(growmap).max_depth
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,7 @@ class RunDefaults:
     results_dir: str = "results"
     B: int = default_budget()           # dynamic tree: node budget, root included
     W: int = 8                          # dynamic tree: children per expanded node and nodes expanded per level
-    D: int = 9                          # dynamic tree: depth limit (the 64-node Sequoia tree's depth)
+    D: int = default_depth()            # dynamic tree: depth limit, the default growmap's depth
     score: str = "logprob"              # dynamic tree: logprob (EAGLE-2) or original (depth-weighted logits)
 
 

@@ -78,6 +78,28 @@ TEXT_SEEDS = [
     "Ten things you should know about {t}:\n1.", "Many people believe that {t}",
 ]
 
+# Openers of news, web and forum pages (written here, like the topics): with `text_style="articles"` the
+# plain-text rows start from these, so the draft also sees the target continuing article-like pages.
+ARTICLE_SEEDS = [
+    "{C} -- Officials said on {D} that a new plan for {t} would",
+    "By {N}, Staff Reporter\n\nA report published this week on {t} has",
+    "Review: What I Learned After a Year of {t}\n\n",
+    "Forum: General Discussion > {T}\n\nSubject: A question about {t}\n\nHi everyone,",
+    "How to Get Started With {t}\n\nIf you have ever wondered about {t}, you are not alone.",
+    "{T}: A Complete Guide for Beginners\n\n", "Opinion | Why {t} matters more than ever\n\nBy {N}\n\n",
+    "{C} -- Residents gathered on {D} evening to discuss {t}, and",
+    "FOR IMMEDIATE RELEASE\n\n{C} -- A local company announced today a new project on {t}.",
+    "Interview: {N} answers our readers' questions about {t}\n\nQ:",
+    "My honest thoughts on {t}, one year later\n\nWhen I first", "Product description: The {T} Starter Kit\n\n",
+    "{C} ({D}) -- Researchers at the city university say that {t}",
+    "Weekend reading: {t}\n\nEvery week we pick one subject and explain it properly. This week:",
+    "Letters to the editor\n\nSir, I read your recent article about {t} with interest, but",
+    "Travel diary, day three\n\nWe woke up early because the guide had promised to show us {t}.",
+]
+CITIES = ["Millbrook", "PORT ELLIS", "Dunmore", "CASTLEFORD", "Oakridge", "Lakeview", "Brampton", "Westbury"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+NAMES = ["Anna Kowalski", "David Osei", "Laura Brennan", "Tom Hartley", "Priya Nair", "Marco Ruiz", "Jin Park"]
+
 
 @dataclass(frozen=True)
 class DistillSettings:
@@ -94,14 +116,27 @@ class DistillSettings:
     batch_size: int = 128
     dtype: str = "bfloat16"
     seed: int = 1234
+    text_style: str = "seeds"   # plain-text rows start from TEXT_SEEDS ("seeds") or ARTICLE_SEEDS ("articles")
 
     def key(self) -> str:
-        """Folder name for this setting: the target's resolved path is hashed in, not just its name."""
+        """Folder name for this setting: the target's resolved path is hashed in, not just its name.
+
+        Fields added after the first version enter the hash only when set away from their default, so the
+        caches written before they existed keep their keys."""
         data = asdict(self) | {"target": resolve_model_path(self.target), "version": 1}
+        if self.text_style == "seeds":
+            del data["text_style"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def folder(self) -> Path:
         return cache_dir() / "distill" / self.key()
+
+
+DISTILL_MIXES = {
+    "chat": DistillSettings(),
+    # mostly plain text from article-like openers, for drafts that must follow the target on web/news pages
+    "articles": DistillSettings(magpie_fraction=0.1, template_fraction=0.2, text_style="articles"),
+}
 
 
 @dataclass
@@ -152,7 +187,8 @@ def _chat_pieces(tokenizer) -> tuple[list[int], list[int]]:
 
 def _topic_text(rng: random.Random, template: str) -> str:
     t, u = rng.sample(TOPICS, 2)
-    return template.format(t=t, u=u, T=t[:1].upper() + t[1:])
+    return template.format(t=t, u=u, T=t[:1].upper() + t[1:], C=rng.choice(CITIES), D=rng.choice(DAYS),
+                           N=rng.choice(NAMES))
 
 
 def _plan_rows(rng: random.Random, n: int, settings: DistillSettings, has_chat: bool) -> list[str]:
@@ -310,7 +346,8 @@ def generate_shard(model, tokenizer, settings: DistillSettings, index: int) -> d
             text = _topic_text(rng, rng.choice(INSTRUCTION_TEMPLATES))
             prompt, spans = before + tokenizer(text, add_special_tokens=False)["input_ids"] + after, []
         else:
-            prompt = tokenizer(_topic_text(rng, rng.choice(TEXT_SEEDS)), add_special_tokens=False)["input_ids"]
+            seeds = ARTICLE_SEEDS if settings.text_style == "articles" else TEXT_SEEDS
+            prompt = tokenizer(_topic_text(rng, rng.choice(seeds)), add_special_tokens=False)["input_ids"]
             spans = []
         rows.append((prompt, spans))
         prompts.append(prompt)
@@ -479,12 +516,14 @@ def load_distill_data(paths: list[Path]) -> DistillData:
 
 
 def main() -> None:
-    """Generate (or top up) the cache on its own: `python -m utils.distill_data TOKENS [WORKERS]`."""
+    """Generate (or top up) the cache on its own: `python -m utils.distill_data TOKENS [WORKERS] [MIX]`.
+
+    MIX is `chat` (the defaults) or `articles` (ARTICLE_SEEDS_MIX: mostly article-like plain text)."""
     import sys
 
     tokens = int(sys.argv[1])
     workers = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    settings = DistillSettings()
+    settings = DISTILL_MIXES[sys.argv[3] if len(sys.argv) > 3 else "chat"]
     print(settings.folder(), flush=True)
     paths = ensure_distill_data(settings, tokens, workers, log_path=str(settings.folder() / "progress.jsonl"))
     print(f"{len(paths)} shards, {sum(_shard_teacher_tokens(p) for p in paths)} teacher tokens", flush=True)

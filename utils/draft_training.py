@@ -13,14 +13,14 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.distill_data import DistillData, DistillSettings, ensure_distill_data, load_distill_data
+from utils.distill_data import DISTILL_MIXES, DistillData, DistillSettings, ensure_distill_data, load_distill_data
 from utils.errors import UserError
 from utils.models import DraftVocab, load_draft_vocab, load_tokenizer, resolve_model_path
 
@@ -29,6 +29,7 @@ STATE_FILE = "training_state.pt"
 SETTINGS_FILE = "train_settings.json"
 LOSS_LOG = "loss_log.jsonl"
 LOSSES = ("ce", "kl", "mix")
+ARCHS = ("token", "feature")  # a small LM on tokens, or a feature draft on the target's hidden states (EAGLE)
 IGNORE = -100
 
 # Architecture presets (vocabulary size comes from the target, or from --vocab-subset).
@@ -47,6 +48,7 @@ class TrainSettings:
     """Every flag of pretrain_draft_model.py, with its default (argparse reads the defaults from here)."""
 
     output_dir: str = "outputs/draft"
+    arch: str = "token"
     target: str | None = None
     init: str | None = None
     preset: str = "smollm2-draft"
@@ -63,6 +65,7 @@ class TrainSettings:
     distill: bool = False
     distill_tokens: int = 1_000_000
     distill_workers: int = 1
+    distill_mix: str = "chat"
     distill_temperatures: str = ",".join(f"{t:g}" for t in DistillSettings.temperatures)
     distill_max_new_tokens: int = DistillSettings.max_new_tokens
     distill_batch_size: int = DistillSettings.batch_size
@@ -70,6 +73,9 @@ class TrainSettings:
     distill_dtype: str = DistillSettings.dtype
     loss: str = "ce"
     kl_weight: float = 0.5
+    cls_weight: float = 0.1
+    feature_noise: float = 0.1
+    self_feed: float = 0.0
     seq_len: int = 512
     batch_size: int = 16
     lr: float = 2e-3
@@ -96,12 +102,17 @@ class TrainSettings:
 
 def validate(s: TrainSettings) -> None:
     """Reject bad combinations before any model is loaded (one-line UserError each)."""
+    if s.arch not in ARCHS:
+        raise UserError(f"--arch must be one of {', '.join(ARCHS)}, got {s.arch!r}")
+    parse_mixes(s.distill_mix, s.distill_tokens)
     if s.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {s.loss!r}")
-    if s.init is None and s.preset not in PRESETS:
+    if s.arch == "token" and s.init is None and s.preset not in PRESETS:
         raise UserError(f"unknown --preset {s.preset!r}: choose from {', '.join(PRESETS)}")
     if (s.dataset is None) == (not s.distill):
         raise UserError("give exactly one data source: --dataset NAME_OR_PATH or --distill")
+    if not 0.0 <= s.self_feed <= 1.0:
+        raise UserError(f"--self-feed must be in [0, 1], got {s.self_feed}")
     if not 0.0 <= s.kl_weight <= 1.0:
         raise UserError(f"--kl-weight must be in [0, 1], got {s.kl_weight}")
     for name in ("seq_len", "batch_size", "max_steps", "save_steps", "eval_steps", "logging_steps"):
@@ -120,6 +131,22 @@ def validate(s: TrainSettings) -> None:
     parse_temperatures(s.distill_temperatures)
 
 
+def parse_mixes(text: str, default_tokens: int) -> list[tuple[str, int]]:
+    """--distill-mix "chat,articles:400000" -> [("chat", default_tokens), ("articles", 400000)]."""
+    mixes = []
+    for entry in text.split(","):
+        name, _, count = entry.partition(":")
+        if name not in DISTILL_MIXES:
+            raise UserError(f"unknown --distill-mix {name!r}: choose from {', '.join(DISTILL_MIXES)} "
+                            "(comma-separated, each optionally NAME:TOKENS)")
+        try:
+            tokens = int(count) if count else default_tokens
+        except ValueError as exc:
+            raise UserError(f"--distill-mix {entry!r}: the token count after ':' must be an integer") from exc
+        mixes.append((name, tokens))
+    return mixes
+
+
 def parse_temperatures(text: str) -> tuple[float, ...]:
     try:
         temps = tuple(float(t) for t in text.split(","))
@@ -134,10 +161,11 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
 # Data
 
 
-def distill_settings(s: TrainSettings) -> DistillSettings:
-    return DistillSettings(target=s.target, temperatures=parse_temperatures(s.distill_temperatures),
-                           max_new_tokens=s.distill_max_new_tokens, top_k=s.distill_top_k,
-                           batch_size=s.distill_batch_size, dtype=s.distill_dtype)
+def distill_settings(s: TrainSettings, mix: str = "chat") -> DistillSettings:
+    """The generation settings of one --distill-mix entry, with the --distill-* flags applied."""
+    return replace(DISTILL_MIXES[mix], target=s.target, temperatures=parse_temperatures(s.distill_temperatures),
+                   max_new_tokens=s.distill_max_new_tokens, top_k=s.distill_top_k,
+                   batch_size=s.distill_batch_size, dtype=s.distill_dtype)
 
 
 def text_data(tokenizer, dataset: str, start: int, end: int | None) -> DistillData:
@@ -490,10 +518,11 @@ def lr_factor(s: TrainSettings, step: int, elapsed_s: float) -> float:
 
 def load_training_data(s: TrainSettings, tokenizer) -> DistillData:
     if s.distill:
-        ds = distill_settings(s)
         Path(s.output_dir).mkdir(parents=True, exist_ok=True)
         log = str(Path(s.output_dir) / "distill_progress.jsonl")
-        return load_distill_data(ensure_distill_data(ds, s.distill_tokens, s.distill_workers, log))
+        paths = [path for mix, tokens in parse_mixes(s.distill_mix, s.distill_tokens)
+                 for path in ensure_distill_data(distill_settings(s, mix), tokens, s.distill_workers, log)]
+        return load_distill_data(paths)
     return text_data(tokenizer, s.dataset, s.dataset_start, s.dataset_end)
 
 
@@ -611,6 +640,10 @@ def evaluate_only(s: TrainSettings) -> dict[str, float]:
 
 def train(s: TrainSettings) -> dict[str, float]:
     """Train (or resume) a draft; returns the last held-out metrics."""
+    if s.arch == "feature":
+        from utils.feature_training import train_feature_draft
+
+        return train_feature_draft(s)
     from accelerate import Accelerator
     from tqdm import tqdm
 
@@ -668,10 +701,10 @@ def train(s: TrainSettings) -> dict[str, float]:
     per_epoch = max(1, math.ceil(len(spans) / s.batch_size))
     world, rank = accelerator.num_processes, accelerator.process_index
     log_path = out_dir / LOSS_LOG
+    log = LossLog(log_path, s.logging_steps, per_epoch)
     start_time = time.time()
     bar = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     last_eval: dict[str, float] = {}
-    running: dict[str, float] = {}
     while step < s.max_steps:
         epoch, index = divmod(step, per_epoch)
         batches = epoch_batches(spans, s.batch_size * world, s.seed, epoch)
@@ -685,24 +718,13 @@ def train(s: TrainSettings) -> dict[str, float]:
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         t_logits = teacher.logits(batch) if teacher is not None else None
         losses = draft_losses(logits, batch, owned, vocab_map, t_logits, s.loss, s.kl_weight)
-        accelerator.backward(losses["loss"])
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, losses["loss"], model.parameters(), optimizer)
         step += 1
         bar.update(1)
-        for key, value in losses.items():
-            running[key] = running.get(key, 0.0) + float(value.detach())
-        running["n"] = running.get("n", 0) + 1
         elapsed = elapsed_before + time.time() - start_time
         out_of_time = s.max_minutes > 0 and elapsed > s.max_minutes * 60
-        if step % s.logging_steps == 0 and accelerator.is_main_process:
-            record = {"step": step, "epoch": round(step / per_epoch, 3), "lr": lr,
-                      "elapsed_s": round(time.time() - start_time, 1)}
-            record |= {k: round(v / running["n"], 5) for k, v in running.items() if k != "n"}
-            _append_log(log_path, record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            running = {}
+        if accelerator.is_main_process:
+            log.add(step, lr, elapsed, losses, bar)
         if step % s.eval_steps == 0 or step == s.max_steps or out_of_time:
             if accelerator.is_main_process:
                 last_eval = evaluate(accelerator.unwrap_model(model), held, s, vocab, teacher, pad_id,
@@ -718,6 +740,36 @@ def train(s: TrainSettings) -> dict[str, float]:
     if s.final_dir and accelerator.is_main_process:
         export_final(accelerator.unwrap_model(model), tokenizer, vocab, s, last_eval)
     return last_eval
+
+
+def optimizer_step(accelerator, loss: torch.Tensor, params, optimizer) -> None:
+    """Backward, clip the gradient norm to 1, step, clear the gradients."""
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+class LossLog:
+    """Averages the training losses between log lines and appends one line every `every` steps."""
+
+    def __init__(self, path: Path, every: int, per_epoch: int) -> None:
+        self.path, self.every, self.per_epoch = path, every, per_epoch
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, step: int, lr: float, elapsed_s: float, losses: dict[str, torch.Tensor], bar=None) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach())
+        self.count += 1
+        if step % self.every:
+            return
+        record = {"step": step, "epoch": round(step / self.per_epoch, 3), "lr": lr, "elapsed_s": round(elapsed_s, 1)}
+        record |= {k: round(v / self.count, 5) for k, v in self.sums.items()}
+        _append_log(self.path, record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+        self.sums, self.count = {}, 0
 
 
 def _append_log(path: Path, record: dict) -> None:
@@ -766,19 +818,61 @@ def decode_step_ms(model, context: int, steps: int, repeats: int) -> float:
     return float(np.median(times))
 
 
+def engine_step_ms(model, context: int, steps: int, repeats: int) -> float:
+    """Median wall time (ms) of a one-token forward of a suite TreeModel (LM head and top-1 included) at
+    `context` cached tokens: the cost the decoder pays per draft or target token."""
+    from engine.tree_mask import causal_mask
+
+    device = model.device
+    ids = torch.randint(3, model.target_vocab_size, (context + 1,), device=device)
+    slots = torch.arange(context + 1, device=device)
+    extra = {}
+    if model.uses_target_features:  # the feature values do not change the cost
+        extra["prev_features"] = torch.zeros(context + 1, model.hidden_size, dtype=model.dtype, device=device)
+    model.forward(ids[:context], slots[:context], slots[:context], causal_mask(context, 0, device),
+                  logits_rows=slots[:0], **{k: v[:context] for k, v in extra.items()})
+    mask = causal_mask(1, context, device)
+    one = {k: v[context:] for k, v in extra.items()}
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model.forward(ids[context:], slots[context:], slots[context:], mask, **one)
+            int((out[0] if isinstance(out, tuple) else out).argmax())
+        times.append((time.perf_counter() - t0) / steps * 1000)
+    return float(np.median(times))
+
+
+def _cost_row(runtime: str, dtype: torch.dtype, ms: dict[str, float], context: int) -> dict[str, float | str]:
+    return {"runtime": runtime, "dtype": str(dtype).removeprefix("torch."), "target_ms": round(ms["target"], 3),
+            "draft_ms": round(ms["draft"], 3), "ratio": round(ms["draft"] / ms["target"], 4),
+            "threads": torch.get_num_threads(), "context": context}
+
+
 def measure_cost(draft: str, target: str | None, context: int = 128, steps: int = 32,
                  repeats: int = 5) -> list[dict[str, float | str]]:
-    """Per-token decode cost of draft and target in one process, float32 and bfloat16, and their ratio."""
+    """Per-token decode cost of draft and target in one process, float32 and bfloat16, and their ratio:
+    through the suite's engine (what the decoder runs), and for a token-level draft also through
+    transformers (batch 1, KV cache)."""
     from transformers import AutoModelForCausalLM
+
+    from utils.experiment import load_pair
+    from utils.models import is_feature_draft
 
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
+        pair = load_pair(target, draft, True, dtype, "cpu", context + 8)
+        models = {"target": pair.target, "draft": pair.draft}
+        for m in models.values():
+            engine_step_ms(m, context, 4, 1)  # warm-up
+        ms = {name: engine_step_ms(m, context, steps, repeats) for name, m in models.items()}
+        rows.append(_cost_row("engine", dtype, ms, context))
+        if is_feature_draft(draft):
+            continue
         models = {name: AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=dtype).eval()
                   for name, spec in (("target", target), ("draft", draft))}
         for m in models.values():
             decode_step_ms(m, context, 4, 1)  # warm-up
         ms = {name: decode_step_ms(m, context, steps, repeats) for name, m in models.items()}
-        rows.append({"dtype": str(dtype).removeprefix("torch."), "target_ms": round(ms["target"], 3),
-                     "draft_ms": round(ms["draft"], 3), "ratio": round(ms["draft"] / ms["target"], 4),
-                     "threads": torch.get_num_threads(), "context": context})
+        rows.append(_cost_row("transformers", dtype, ms, context))
     return rows

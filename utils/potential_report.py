@@ -43,9 +43,10 @@ def continuation_rows(text: PromptText) -> tuple[int, int]:
     return start, start + len(text.continuation)
 
 
-def all_position_logits(model: TreeModel, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token logits at every position of `ids` ([n] long, target ids): [n, model's own vocab]."""
-    return teacher_forced_logits(model, ids, torch.arange(ids.shape[0], device=model.device))
+def all_position_logits(model: TreeModel, ids: torch.Tensor, target: TreeModel | None = None) -> torch.Tensor:
+    """Next-token logits at every position of `ids` ([n] long, target ids): [n, model's own vocab]
+    (a feature draft reads `target`'s features)."""
+    return teacher_forced_logits(model, ids, torch.arange(ids.shape[0], device=model.device), target)
 
 
 def score_prompt(text: PromptText, target: TreeModel, drafts: dict[str, TreeModel], temperature: float,
@@ -53,7 +54,7 @@ def score_prompt(text: PromptText, target: TreeModel, drafts: dict[str, TreeMode
     """Per-position figures of every draft on one text (one teacher-forced forward per model)."""
     ids = torch.tensor(text.ids, dtype=torch.long, device=target.device)
     target_logits = all_position_logits(target, ids)
-    return {name: position_figures(target_logits, all_position_logits(draft, ids), temperature, top_p,
+    return {name: position_figures(target_logits, all_position_logits(draft, ids, target), temperature, top_p,
                                    draft.output_ids, DEFAULT_EPSILON)
             for name, draft in drafts.items()}
 

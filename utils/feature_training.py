@@ -1,0 +1,374 @@
+"""Training a feature-level draft (engine/feature_draft.py, `pretrain_draft_model.py --arch feature`).
+
+The data are the same rows as for a token draft (target-written distillation data or a --dataset), cut into
+the same windows. The target is run once, teacher-forced, over every window and its final hidden states are
+kept (bfloat16, cached in --output-dir so a resumed run does not recompute them). The draft then learns, at
+every position t of a window, to predict the target's feature h(t) from token t and h(t - 1):
+  loss = smooth-L1(predicted h(t), h(t)) + cls_weight * CE(target's next-token distribution, draft's),
+both distributions over the draft head's vocabulary subset (EAGLE's recipe). The input features get a little
+Gaussian noise during training, and with --self-feed a share of the steps feeds the draft its own
+predictions from a gradient-free first pass, because at inference a tree node's input is the draft's own
+prediction of its parent's feature (a cheap form of EAGLE-3's training-time test).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.feature_draft import FEATURE_DRAFT_KEY, FeatureDraftNet
+from utils.errors import UserError
+from utils.models import DraftVocab, load_draft_vocab, load_hf_model, load_tokenizer, resolve_model_path
+
+FEATURE_CACHE = "target_features.pt"
+
+
+def feature_config(target_config, num_layers: int, intermediate_size: int | None):
+    """The draft layer's LlamaConfig: the target's attention shape, `num_layers` layers, marked as a feature draft."""
+    from transformers import LlamaConfig
+
+    data = target_config.to_dict()
+    for key in ("architectures", "auto_map", "quantization_config", "dtype", "torch_dtype"):
+        data.pop(key, None)
+    data["num_hidden_layers"] = num_layers
+    if intermediate_size is not None:
+        data["intermediate_size"] = intermediate_size
+    data["model_type"] = "llama"
+    config = LlamaConfig(**data)
+    setattr(config, FEATURE_DRAFT_KEY, {"layers": num_layers})
+    return config
+
+
+def head_weight(target_hf, head_ids: list[int] | None) -> torch.Tensor:
+    weight = target_hf.lm_head.weight.detach()
+    return weight if head_ids is None else weight[torch.tensor(head_ids)]
+
+
+def load_feature_net(folder: str | Path, target_hf, dtype: torch.dtype = torch.float32) -> tuple[FeatureDraftNet, list[int] | None]:
+    """A saved feature draft wired to `target_hf`'s embedding and head (its vocabulary subset, if any)."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    folder = Path(folder)
+    config = LlamaConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    vocab = load_draft_vocab(str(folder))
+    head_ids = vocab.draft_to_target if vocab is not None else None
+    target_vocab = target_hf.get_input_embeddings().weight.shape[0]
+    if vocab is not None and vocab.target_vocab_size != target_vocab:
+        raise UserError(f"feature draft {folder} was trained for a vocabulary of {vocab.target_vocab_size} tokens "
+                        f"but the target has {target_vocab}: it must be used with the target it was trained on")
+    if target_hf.config.hidden_size != config.hidden_size:
+        raise UserError(f"feature draft {folder} reads features of size {config.hidden_size} but the target's "
+                        f"hidden size is {target_hf.config.hidden_size}: use it with the target it was trained on")
+    net = FeatureDraftNet(config, target_hf.get_input_embeddings().weight, head_weight(target_hf, head_ids))
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("embed.", "head.", "rotary_emb."))]
+    if missing or unexpected:
+        raise UserError(f"feature draft {folder}: weights do not match its config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    return net.to(dtype).eval(), head_ids
+
+
+def save_feature_folder(net: FeatureDraftNet, tokenizer, vocab: DraftVocab | None, folder: Path, dtype: str,
+                        settings: dict) -> None:
+    """config.json (with the feature-draft marker), model.safetensors (the draft's own weights only),
+    tokenizer, draft_vocab.json and the run's settings."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch_dtype = getattr(torch, dtype)
+    state = {k: v.detach().to(torch_dtype).contiguous() for k, v in net.trainable_state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    config = net.config.to_dict() | {"dtype": dtype}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    tokenizer.save_pretrained(folder)
+    if vocab is not None:
+        vocab.save(folder)
+    (folder / "train_settings.json").write_text(json.dumps(settings, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Target features
+
+
+@torch.inference_mode()
+def compute_features(target_hf, tokens: np.ndarray, spans: list[tuple[int, int]], batch_size: int,
+                     show_progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
+    """The target's final hidden states over every span, run teacher-forced span by span (right padding).
+
+    Returns (features [sum of span lengths, d] in the target's dtype, start offset of each span's rows).
+    """
+    from tqdm import tqdm
+
+    lengths = np.array([b - a for a, b in spans], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    d = target_hf.config.hidden_size
+    out = torch.empty(int(starts[-1]), d, dtype=target_hf.dtype)
+    order = np.argsort(lengths, kind="stable")
+    device = target_hf.device
+    for j in tqdm(range(0, len(order), batch_size), desc="target features", disable=not show_progress):
+        chunk = order[j:j + batch_size]
+        width = int(lengths[chunk].max())
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            a, b = spans[i]
+            ids[r, :b - a] = torch.from_numpy(tokens[a:b].astype(np.int64))
+            mask[r, :b - a] = 1
+        hidden = target_hf.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.cpu()
+        for r, i in enumerate(chunk):
+            out[starts[i]:starts[i + 1]] = hidden[r, :lengths[i]]
+    return out, starts
+
+
+def cached_features(target_hf, tokens: np.ndarray, spans: list[tuple[int, int]], batch_size: int,
+                    path: Path) -> tuple[torch.Tensor, np.ndarray]:
+    """compute_features, saved to `path` and reused when the spans and the target are the same."""
+    key = {"spans": len(spans), "tokens": int(sum(b - a for a, b in spans)),
+           "checksum": int(sum(int(tokens[a]) * (i + 1) for i, (a, _) in enumerate(spans)) % (1 << 61)),
+           "target": resolve_model_path(getattr(target_hf, "name_or_path", None) or None)}
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        if saved.get("key") == key:
+            return saved["features"], saved["starts"]
+    features, starts = compute_features(target_hf, tokens, spans, batch_size)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "features": features, "starts": starts}, tmp)
+    tmp.replace(path)
+    return features, starts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches, loss, metrics
+
+
+def feature_batch(tokens: np.ndarray, spans: list[tuple[int, int]], features: torch.Tensor, starts: np.ndarray,
+                  chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token ids [b, n], target features [b, n, d], valid [b, n] bool) for the chosen spans, right-padded."""
+    width = max(spans[i][1] - spans[i][0] for i in chosen)
+    ids = torch.zeros(len(chosen), width, dtype=torch.long)
+    feats = torch.zeros(len(chosen), width, features.shape[1], dtype=features.dtype)
+    valid = torch.zeros(len(chosen), width, dtype=torch.bool)
+    for r, i in enumerate(chosen):
+        a, b = spans[i]
+        ids[r, :b - a] = torch.from_numpy(tokens[a:b].astype(np.int64))
+        feats[r, :b - a] = features[starts[i]:starts[i + 1]]
+        valid[r, :b - a] = True
+    return ids, feats, valid
+
+
+def shift_features(feats: torch.Tensor) -> torch.Tensor:
+    """Row t gets the feature of position t - 1 (zero for t = 0), as the draft's input."""
+    return torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)
+
+
+def feature_losses(net: FeatureDraftNet, predicted: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor,
+                   cls_weight: float) -> dict[str, torch.Tensor]:
+    """Smooth-L1 on the features and soft CE against the target's next-token distribution (head subset)."""
+    feats = feats.float()
+    reg = F.smooth_l1_loss(predicted.float(), feats, reduction="none").mean(-1)
+    weight = net.head.weight.float()
+    with torch.no_grad():
+        target_p = torch.softmax(feats[valid] @ weight.T, -1)
+    draft_logp = torch.log_softmax(predicted.float()[valid] @ weight.T, -1)
+    cls = -(target_p * draft_logp).sum(-1).mean()
+    reg = reg[valid].mean()
+    return {"loss": reg + cls_weight * cls, "reg": reg, "cls": cls}
+
+
+@torch.no_grad()
+def feature_metrics(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: torch.Tensor | None,
+                    ids: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor) -> dict[str, int]:
+    """Agreement with the target's greedy token (over its full vocabulary): top-1 and top-4 with the target's
+    features as input (depth 1 of a tree), and top-1 with the draft's own predicted features as input (depth 2)."""
+    greedy = (feats.float() @ full_head.float().T).argmax(-1)
+    counts = {"positions": int(valid.sum())}
+    predicted = net(ids, shift_features(feats))
+    for name, pred in (("d1", predicted), ("d2", net(ids, shift_features(predicted)))):
+        top = (pred.float() @ net.head.weight.float().T).topk(4, -1).indices
+        if head_ids is not None:
+            top = head_ids[top]
+        counts[f"top1_{name}"] = int(((top[..., 0] == greedy) & valid).sum())
+        if name == "d1":
+            counts["top4_d1"] = int(((top == greedy[..., None]).any(-1) & valid).sum())
+    return counts
+
+
+def evaluate_features(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: torch.Tensor | None,
+                      tokens: np.ndarray, spans: list[tuple[int, int]], features: torch.Tensor, starts: np.ndarray,
+                      batch_size: int, cls_weight: float) -> dict[str, float]:
+    """Held-out losses per position and agreement rates (see feature_metrics)."""
+    was_training = net.training
+    net.eval()
+    sums: dict[str, float] = {}
+    batches = 0
+    with torch.no_grad():
+        for j in range(0, len(spans), batch_size):
+            chosen = list(range(j, min(j + batch_size, len(spans))))
+            ids, feats, valid = feature_batch(tokens, spans, features, starts, chosen)
+            predicted = net(ids, shift_features(feats))
+            for k, v in feature_losses(net, predicted, feats, valid, cls_weight).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            for k, v in feature_metrics(net, full_head, head_ids, ids, feats, valid).items():
+                sums[k] = sums.get(k, 0.0) + v
+            batches += 1
+    net.train(was_training)
+    n = max(sums.get("positions", 0.0), 1.0)
+    out = {f"heldout_{k}": sums[k] / max(batches, 1) for k in ("loss", "reg", "cls")}
+    out |= {"heldout_top1": sums["top1_d1"] / n, "heldout_top4": sums["top4_d1"] / n,
+            "heldout_top1_depth2": sums["top1_d2"] / n, "heldout_positions": int(n)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train_feature_draft(s) -> dict[str, float]:
+    """Train (or resume) a feature draft with TrainSettings `s`; returns the last held-out metrics."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from utils import draft_training as dt
+
+    dt.validate(s)
+    accelerator = Accelerator(mixed_precision=s.mixed_precision if s.mixed_precision != "no" else "no")
+    torch.manual_seed(s.seed)
+    out_dir = Path(s.output_dir)
+    found = dt.checkpoints(out_dir) if s.resume else []
+    if s.resume and not found:
+        raise UserError(f"--resume: no complete checkpoint-N folder in {out_dir}")
+    if not s.resume and dt.checkpoints(out_dir):
+        raise UserError(f"{out_dir} already holds checkpoints: pass --resume to continue, or another --output-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(s.target)
+    data = dt.load_training_data(s, tokenizer)
+    train_data, held = dt.split_rows(data, s.eval_rows, s.seed)
+    # features in the dtype the engine runs the target in on CPUs with AMX (bfloat16); the full-precision
+    # head and embedding come from a float32 copy
+    target_bf16 = load_hf_model(s.target, torch.bfloat16, "cpu")
+    target = load_hf_model(s.target, torch.float32, "cpu")
+    init = found[-1] if found else s.init
+    if init is not None:
+        dt.check_tokenizer_match(load_tokenizer(str(init)), tokenizer, str(init), s.target)
+        net, head_list = load_feature_net(init, target)
+        vocab = load_draft_vocab(str(init))
+        coverage = None
+    else:
+        vocab, coverage = None, 1.0
+        target_vocab = len(tokenizer)
+        if s.vocab_subset and s.vocab_subset < target_vocab:
+            oov = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.all_special_ids[0]
+            vocab, coverage = dt.choose_vocab(train_data, s.vocab_subset, target_vocab,
+                                              list(tokenizer.all_special_ids), oov)
+        head_list = vocab.draft_to_target if vocab is not None else None
+        config = feature_config(target.config, s.num_layers or 1, s.intermediate_size)
+        net = FeatureDraftNet(config, target.get_input_embeddings().weight, head_weight(target, head_list))
+    head_ids = torch.tensor(head_list) if head_list is not None else None
+    full_head = target.lm_head.weight.detach()
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                                  lr=s.lr, betas=(0.9, 0.95))
+    step, elapsed_before = 0, 0.0
+    if found:
+        state = torch.load(found[-1] / dt.STATE_FILE, weights_only=False)
+        net.load_state_dict(state["model_fp32"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
+
+    spans = dt.windows(train_data, s.seq_len)
+    held_spans = dt.windows(held, s.seq_len)
+    if not spans:
+        raise UserError("the training data has no window with a label: use more or longer texts")
+    features, starts = cached_features(target_bf16, train_data.tokens, spans, s.batch_size, out_dir / FEATURE_CACHE)
+    held_features, held_starts = cached_features(target_bf16, held.tokens, held_spans, s.batch_size,
+                                                 out_dir / ("heldout_" + FEATURE_CACHE))
+    del target_bf16
+    noise_std = s.feature_noise * float(features[:100_000].float().std())
+    net, optimizer = accelerator.prepare(net, optimizer)
+    unwrapped = accelerator.unwrap_model(net)
+    settings = asdict(s)
+    if accelerator.is_main_process:
+        (out_dir / dt.SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+        info = {"train_rows": train_data.num_rows, "train_tokens": int(starts[-1]), "heldout_rows": held.num_rows,
+                "heldout_tokens": int(held_starts[-1]), "vocab_coverage_train": coverage,
+                "vocab_coverage_heldout": dt.heldout_coverage(held, vocab), "noise_std": noise_std,
+                "trained_parameters": sum(p.numel() for p in params)}
+        (out_dir / "data_info.json").write_text(json.dumps(info, indent=1))
+
+    per_epoch = max(1, math.ceil(len(spans) / s.batch_size))
+    feed_rng = random.Random(s.seed * 7919 + step)  # reseeded from the step: a resumed run continues the pattern
+    world, rank = accelerator.num_processes, accelerator.process_index
+    log_path = out_dir / dt.LOSS_LOG
+    log = dt.LossLog(log_path, s.logging_steps, per_epoch)
+    start_time = time.time()
+    bar = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    last_eval: dict[str, float] = {}
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_features(unwrapped, full_head, head_ids, held.tokens, held_spans, held_features, held_starts,
+                                 s.batch_size, s.cls_weight)
+
+    def save(folder: Path) -> None:
+        save_feature_folder(unwrapped, tokenizer, vocab, folder, s.save_dtype, settings)
+
+    while step < s.max_steps:
+        epoch, index = divmod(step, per_epoch)
+        global_batch = dt.epoch_batches(spans, s.batch_size * world, s.seed, epoch)[index]
+        mine = global_batch[rank::world] or global_batch[:1]
+        ids, feats, valid = (t.to(accelerator.device) for t in feature_batch(train_data.tokens, spans, features,
+                                                                             starts, mine))
+        lr = s.lr * dt.lr_factor(s, step, elapsed_before + time.time() - start_time)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        prev = shift_features(feats)
+        if s.self_feed > 0 and feed_rng.random() < s.self_feed:
+            # a tree node below depth 1 reads its parent's *predicted* feature: train on that input too
+            with torch.no_grad(), accelerator.autocast():
+                prev = shift_features(net(ids, prev).to(feats.dtype))
+        prev = prev + noise_std * torch.randn(prev.shape, dtype=torch.float32, device=prev.device).to(prev.dtype)
+        with accelerator.autocast():
+            predicted = net(ids, prev)
+        losses = feature_losses(unwrapped, predicted, feats, valid, s.cls_weight)
+        dt.optimizer_step(accelerator, losses["loss"], params, optimizer)
+        step += 1
+        bar.update(1)
+        elapsed = elapsed_before + time.time() - start_time
+        out_of_time = s.max_minutes > 0 and elapsed > s.max_minutes * 60
+        if accelerator.is_main_process:
+            log.add(step, lr, elapsed, losses, bar)
+        if (step % s.eval_steps == 0 or step == s.max_steps or out_of_time) and accelerator.is_main_process:
+            last_eval = evaluate()
+            dt._append_log(log_path, {"step": step, **{k: round(v, 5) for k, v in last_eval.items()}})
+        if step % s.save_steps == 0 or step == s.max_steps or out_of_time:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                folder = out_dir / f"{dt.CHECKPOINT_PREFIX}{step}"
+                save(folder)
+                state = {"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
+                         "torch_rng": torch.get_rng_state(),
+                         "model_fp32": {k: v.detach().float() for k, v in unwrapped.trainable_state_dict().items()}}
+                torch.save(state, folder / (dt.STATE_FILE + ".tmp"))
+                (folder / (dt.STATE_FILE + ".tmp")).replace(folder / dt.STATE_FILE)
+        if out_of_time:
+            break
+    bar.close()
+    if s.final_dir and accelerator.is_main_process:
+        final = Path(s.final_dir)
+        save(final)
+        for name in (dt.LOSS_LOG, "data_info.json"):
+            if (out_dir / name).is_file():
+                (final / name).write_text((out_dir / name).read_text())
+        (final / "heldout_metrics.json").write_text(json.dumps(last_eval, indent=1))
+    return last_eval
