@@ -14,6 +14,10 @@ children (the ranks p measures), and a node with b children always
 uses ranks 1..b: the drafter's children are its top-b (or first b sampled) tokens, so rank 9 cannot be
 drafted without ranks 1..8 even where p is not decreasing.
 
+A feature draft (engine/feature_draft.py) drafts the root's children from the target's real hidden state
+and deeper nodes from its own predicted features, so its root level is accepted more often: `root_p`
+(`sequoia_dp`, `expected_accepted`) scores the root's children with their own vector, every other node with p.
+
 Section 3.2 (hardware-aware): pick the budget and depth that minimise the time per generated token,
 (depth * draft_step_time + target_time(n)) / E, because the draft runs one forward per growth step.
 """
@@ -44,16 +48,55 @@ def check_acceptance(p: Sequence[float]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class LevelTable:
+    """The DP arrays of one acceptance vector at every level limit L and budget m (see `sequoia_dp`)."""
+    values: np.ndarray       # [max_levels + 1, max_budget + 1] float64: best value of L levels, m nodes
+    best_branch: np.ndarray  # [max_levels + 1, max_budget + 1] int: children of the root in that best tree
+    split: np.ndarray        # [max_levels + 1, K + 1, max_budget + 1] int: budget the root keeps before child b
+
+    @classmethod
+    def empty(cls, max_levels: int, ranks: int, max_budget: int) -> LevelTable:
+        """Level 1 filled (a lone root); levels >= 2 filled by `fill`."""
+        n = max_budget + 1
+        values = np.full((max_levels + 1, n), -np.inf)
+        values[1] = _lone_root(n)
+        return cls(values, np.zeros((max_levels + 1, n), dtype=np.int64),
+                   np.zeros((max_levels + 1, ranks + 1, n), dtype=np.int64))
+
+    def fill(self, levels: int, child: np.ndarray, vec: np.ndarray, pairs: tuple[np.ndarray, np.ndarray]) -> None:
+        """Level `levels`: a root whose children, accepted with `vec`, are subtrees worth `child` [n]."""
+        self.values[levels], self.best_branch[levels], self.split[levels] = _best_root(child, vec, *pairs)
+
+    def child_sizes(self, levels: int, size: int) -> list[int]:
+        """Sizes of the children's subtrees, rank 1 first, in the best tree of `size` nodes and `levels` levels."""
+        sizes = []
+        rest = size
+        for k in range(int(self.best_branch[levels, size]), 0, -1):  # child k takes what remains after
+            kept = int(self.split[levels, k, rest])                    # the root and children 1..k-1
+            sizes.append(rest - kept)
+            rest = kept
+        assert rest == 1, "DP reconstruction must end at the lone root"
+        return sizes[::-1]
+
+
+@dataclass(frozen=True)
 class SearchTable:
     """Sequoia's DP table for one acceptance vector, every budget up to `max_budget`, every level limit.
 
     values[L, n]: best expected tokens per step with exactly n nodes and at most L levels (-inf where no
     such tree exists, i.e. n > 1 with L = 1). Non-decreasing in L; in n too, since p >= 0.
+
+    With a root vector (a feature draft drafts the root's children from the target's real hidden state, so
+    they are accepted more often than deeper nodes), `values`, `best_branch` and `split` are the whole
+    tree's, its root level scored with `root_acceptance`, and `subtrees` holds the DP of the subtrees below
+    the root, scored with `acceptance` alone. Without one the two coincide and `subtrees` is None.
     """
     acceptance: np.ndarray   # [K + 1] float64, p[0] = 0
     values: np.ndarray       # [max_levels + 1, max_budget + 1] float64
     best_branch: np.ndarray  # [max_levels + 1, max_budget + 1] int: children of the root in the best tree
-    split: np.ndarray        # [max_levels + 1, K + 1, max_budget + 1] int: see `sequoia_dp`
+    split: np.ndarray        # [max_levels + 1, K_root + 1, max_budget + 1] int: see `sequoia_dp`
+    root_acceptance: np.ndarray | None = None  # [K_root + 1] float64; None: the root's children use `acceptance`
+    subtrees: LevelTable | None = None          # None: the subtrees' DP is the whole tree's (no root vector)
 
     @property
     def max_budget(self) -> int:
@@ -77,18 +120,12 @@ class SearchTable:
         self._check(budget, levels)
         if not math.isfinite(self.values[levels, budget]):
             raise ValueError(f"no tree of {budget} nodes fits in {levels} level(s)")
+        root = LevelTable(self.values, self.best_branch, self.split)
+        deep = root if self.subtrees is None else self.subtrees
         parents = [-1]
         queue = [(0, budget, levels)]  # (node id, subtree size, level limit)
         for node, size, lev in queue:  # the list grows while we walk it: breadth-first
-            b = int(self.best_branch[lev, size])
-            child_sizes = []
-            rest = size
-            for k in range(b, 0, -1):  # child k takes what remains after the root and children 1..k-1
-                kept = int(self.split[lev, k, rest])
-                child_sizes.append(rest - kept)
-                rest = kept
-            assert rest == 1, "DP reconstruction must end at the lone root"
-            for child_size in reversed(child_sizes):  # rank 1 first
+            for child_size in (root if node == 0 else deep).child_sizes(lev, size):  # rank 1 first
                 parents.append(node)
                 queue.append((len(parents) - 1, child_size, lev - 1))
         return parents
@@ -104,7 +141,52 @@ class SearchTable:
             raise ValueError(f"levels {levels} outside the table's 1..{self.max_levels}")
 
 
-def sequoia_dp(p: Sequence[float], max_budget: int, max_levels: int) -> SearchTable:
+def _lone_root(n: int) -> np.ndarray:
+    """[n] value of a root without children: 1 (its bonus token) at budget 1, -inf (no such tree) elsewhere."""
+    values = np.full(n, -np.inf)
+    values[1] = 1.0
+    return values
+
+
+def _budget_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(other [n, n], valid [n, n]): other[m, y] = m - y is the budget a new child gets when the root
+    (with its earlier children) keeps y of m; valid where both parts are at least 1 (other clipped elsewhere)."""
+    m_idx = np.arange(n)[:, None]
+    y_idx = np.arange(n)[None, :]
+    other = m_idx - y_idx
+    valid = (other >= 1) & (y_idx >= 1)
+    return np.clip(other, 0, n - 1), valid
+
+
+def _best_root(child: np.ndarray, vec: np.ndarray, other: np.ndarray,
+               valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One level of Sequoia's DP: the best root whose children, accepted with `vec`, are subtrees worth
+    `child` [n] per budget (their best value one level down).
+
+    Returns (best [n], best_branch [n], split [K + 1, n]): per budget m, the best value, its number of
+    children, and for each b the budget kept by the root and children 1..b-1 when child b is added.
+    One helper for the deep levels and the root level, so a root vector changes the input, not the rule.
+    """
+    n = child.shape[0]
+    finite = np.isfinite(child)
+    child_value = np.where(finite, child, 0.0)  # scaled below, -inf put back after: no 0 * -inf = nan
+    g = best = _lone_root(n)
+    best_branch = np.zeros(n, dtype=np.int64)
+    split = np.zeros((vec.shape[0], n), dtype=np.int64)
+    for b in range(1, vec.shape[0]):
+        scaled = np.where(finite, vec[b] * child_value, -np.inf)
+        cand = np.where(valid, g[None, :] + scaled[other], -np.inf)  # [m, y]
+        arg = cand.argmax(axis=1)
+        g = cand[np.arange(n), arg]
+        split[b] = arg
+        improve = g > best  # strict: ties keep the fewer children
+        best = np.where(improve, g, best)
+        best_branch = np.where(improve, b, best_branch)
+    return best, best_branch, split
+
+
+def sequoia_dp(p: Sequence[float], max_budget: int, max_levels: int,
+               root_p: Sequence[float] | None = None) -> SearchTable:
     """Sequoia's dynamic program (arXiv 2402.12374, section 3.1), vectorised over budgets.
 
     With f[L][m] the best value of a subtree of m nodes and at most L levels, and g[L][b][m] the best
@@ -113,41 +195,26 @@ def sequoia_dp(p: Sequence[float], max_budget: int, max_levels: int) -> SearchTa
         g[L][b][m] = max_{1 <= y < m} g[L][b-1][y] + p[b] * f[L-1][m - y]   (child b gets m - y nodes)
         f[L][m]    = max_b g[L][b][m],   f[1] = g[.][0].
     split[L][b][m] keeps the maximising y for the reconstruction. Cost O(L * K * N^2), vectorised in N^2.
+
+    root_p: where the root's children are accepted differently from every other node's (a feature draft
+    drafts them from the target's real hidden state, deeper nodes from its own predicted features), the
+    whole tree's value is the same recurrence once more on top of the subtrees' f, with root_p[b] in place
+    of p[b]: F[L][m] = max_b G[L][b][m], G[L][b][m] = max_y G[L][b-1][y] + root_p[b] * f[L-1][m - y].
+    Every level limit and budget is kept, so `choose_budget` works on either table. root_p may have a
+    different length from p (the root may get more or fewer children than a deep node).
     """
     vec = check_acceptance(p)
+    root_vec = None if root_p is None else check_acceptance(root_p)
     if max_budget < 1 or max_levels < 1:
         raise ValueError("max_budget and max_levels must be at least 1")
-    ranks = vec.shape[0] - 1
-    n = max_budget + 1
-    neg = -np.inf
-    lone_root = np.full(n, neg)
-    lone_root[1] = 1.0
-    values = np.full((max_levels + 1, n), neg)
-    best_branch = np.zeros((max_levels + 1, n), dtype=np.int64)
-    split = np.zeros((max_levels + 1, ranks + 1, n), dtype=np.int64)
-    values[1] = lone_root
-    # other[m, y] = m - y: the budget the new child gets when the root keeps y; invalid where < 1
-    m_idx = np.arange(n)[:, None]
-    y_idx = np.arange(n)[None, :]
-    other = m_idx - y_idx
-    valid = (other >= 1) & (y_idx >= 1)
-    other = np.clip(other, 0, n - 1)
+    pairs = _budget_pairs(max_budget + 1)
+    deep = LevelTable.empty(max_levels, vec.shape[0] - 1, max_budget)
+    top = deep if root_vec is None else LevelTable.empty(max_levels, root_vec.shape[0] - 1, max_budget)
     for lev in range(2, max_levels + 1):
-        child = values[lev - 1]  # [n]
-        best = lone_root.copy()
-        g = lone_root
-        for b in range(1, ranks + 1):
-            finite = np.isfinite(child)
-            child_value = np.where(finite, vec[b] * np.where(finite, child, 0.0), neg)  # no 0 * -inf = nan
-            cand = np.where(valid, g[None, :] + child_value[other], neg)  # [m, y]
-            arg = cand.argmax(axis=1)
-            g = cand[np.arange(n), arg]
-            split[lev, b] = arg
-            improve = g > best  # strict: ties keep the fewer children
-            best = np.where(improve, g, best)
-            best_branch[lev] = np.where(improve, b, best_branch[lev])
-        values[lev] = best
-    return SearchTable(vec, values, best_branch, split)
+        deep.fill(lev, deep.values[lev - 1], vec, pairs)
+        if root_vec is not None:
+            top.fill(lev, deep.values[lev - 1], root_vec, pairs)
+    return SearchTable(vec, top.values, top.best_branch, top.split, root_vec, None if root_vec is None else deep)
 
 
 def child_ranks(growmap: Growmap) -> list[int]:
@@ -159,24 +226,30 @@ def child_ranks(growmap: Growmap) -> list[int]:
     return ranks
 
 
-def path_probabilities(growmap: Growmap, p: Sequence[float]) -> list[float]:
-    """Probability that each node is on the accepted path under the positional model (root: 1)."""
+def path_probabilities(growmap: Growmap, p: Sequence[float], root_p: Sequence[float] | None = None) -> list[float]:
+    """Probability that each node is on the accepted path under the positional model (root: 1).
+
+    root_p, if given, is the acceptance vector of the root's children (see `sequoia_dp`); p is everyone else's.
+    """
     vec = check_acceptance(p)
+    root_vec = vec if root_p is None else check_acceptance(root_p)
     ranks = child_ranks(growmap)
     parents = growmap.parents.tolist()
     prob = [1.0] * growmap.size
     for node in range(1, growmap.size):  # parents come before children
-        rank = ranks[node]
-        prob[node] = prob[parents[node]] * (float(vec[rank]) if rank < vec.shape[0] else 0.0)
+        rank, parent = ranks[node], parents[node]
+        node_vec = root_vec if parent == 0 else vec
+        prob[node] = prob[parent] * (float(node_vec[rank]) if rank < node_vec.shape[0] else 0.0)
     return prob
 
 
-def expected_accepted(growmap: Growmap, p: Sequence[float]) -> float:
-    """Expected tokens per step of any growmap under acceptance vector p (Sequoia's E, bonus included).
+def expected_accepted(growmap: Growmap, p: Sequence[float], root_p: Sequence[float] | None = None) -> float:
+    """Expected tokens per step of any growmap under acceptance vector p (Sequoia's E, bonus included);
+    the root's children use root_p where given.
 
-    Ranks beyond len(p) - 1 contribute 0.
+    Ranks beyond len(p) - 1 (len(root_p) - 1 at the root) contribute 0.
     """
-    return float(sum(path_probabilities(growmap, p)))
+    return float(sum(path_probabilities(growmap, p, root_p)))
 
 
 @dataclass(frozen=True)

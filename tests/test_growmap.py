@@ -6,6 +6,7 @@ import json
 import pathlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,6 +105,60 @@ def test_dp_matches_brute_force_on_small_trees():
                 assert small.value(n, levels) == pytest.approx(max(fitting), abs=1e-12)
             else:
                 assert small.value(n, levels) == float("-inf")
+
+
+def all_trees(n: int) -> list[Growmap]:
+    """Every tree of n nodes with children in rank order: each node's parent is any earlier node, and
+    from_parents numbers children in the order listed, so each shape appears with ranks 1..b."""
+    return [from_parents([-1, *rest]) for rest in itertools.product(*[range(i) for i in range(1, n)])]
+
+
+def random_vector(rng: np.random.Generator, ranks: int, mass: float) -> list[float]:
+    return [0.0, *(rng.dirichlet(np.ones(ranks) * 0.6) * mass)]
+
+
+def test_dp_with_root_vector_equal_to_p_is_the_plain_dp(table):
+    same = sequoia_dp(P_68M_7B, 128, 10, root_p=P_68M_7B)
+    assert np.array_equal(same.values, table.values)
+    for budget in (1, 2, 16, 64, 128):
+        assert same.parents(budget, 10) == table.parents(budget, 10)
+    assert expected_accepted(chain(4), P_68M_7B, P_68M_7B) == expected_accepted(chain(4), P_68M_7B)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dp_with_root_vector_matches_brute_force(seed):
+    """The root's children use root_p, every other node p; root_p may have more or fewer ranks than p."""
+    rng = np.random.default_rng(seed)
+    p = random_vector(rng, 3, rng.uniform(0.5, 1.0))
+    root_p = random_vector(rng, 2 + seed % 3, rng.uniform(0.5, 1.0))  # 2..4 ranks
+    small = sequoia_dp(p, 6, 4, root_p)
+    for n in range(1, 7):
+        trees = all_trees(n)
+        for levels in range(1, 5):
+            fitting = [expected_accepted(t, p, root_p) for t in trees if t.max_depth <= levels - 1
+                       and len(t.successors[0]) < len(root_p) and max(map(len, t.successors[1:]), default=0) < len(p)]
+            assert small.value(n, levels) == pytest.approx(max(fitting, default=float("-inf")), abs=1e-12)
+            if fitting:
+                tree = small.tree(n, levels)
+                assert tree.size == n and tree.max_depth <= levels - 1
+                assert expected_accepted(tree, p, root_p) == pytest.approx(small.value(n, levels), abs=1e-12)
+
+
+def test_root_vector_widens_the_root():
+    """Root children accepted far more often than deeper ones (a feature draft): spend more nodes at the root."""
+    p, root_p = [0, 0.4, 0.05, 0.02], [0, 0.5, 0.4, 0.05]
+    plain, rooted = sequoia_dp(p, 8, 5), sequoia_dp(p, 8, 5, root_p)
+    assert len(plain.tree(8, 5).successors[0]) == 2 and len(rooted.tree(8, 5).successors[0]) == 3
+    assert rooted.value(8, 5) > expected_accepted(plain.tree(8, 5), p, root_p)
+    assert rooted.value(8, 5) == pytest.approx(expected_accepted(rooted.tree(8, 5), p, root_p), abs=1e-12)
+
+
+def test_bad_root_vectors():
+    for bad in ([0.5], [0, 0.7, 0.6], [0, float("nan")]):
+        with pytest.raises(ValueError):
+            sequoia_dp(P_68M_7B, 4, 3, root_p=bad)
+        with pytest.raises(ValueError):
+            expected_accepted(chain(2), P_68M_7B, bad)
 
 
 def test_expected_accepted_of_simple_shapes():

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from engine.acceptance import (acceptance_counts, acceptance_vector, greedy_ranks, none_fraction, rank_counts,
                                specinfer_ranks)
+from engine.decoder import autoregressive_generate
+from engine.feature_draft import FeatureDraftModel, FeatureDraftNet
 from engine.growmap import load_growmap
+from engine.model import TreeModel
 from engine.sampling import Sampling
+from engine.tree_search import expected_accepted, sequoia_dp
 from tests.tiny_models import tiny_llama
 from utils import growmap_tool
+from utils.errors import UserError
+from utils.feature_training import feature_config, load_feature_net, save_feature_folder
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -210,6 +218,112 @@ def test_acceptance_cli_feeds_search(tiny_pair, tmp_path, temperature):
         assert growmap_tool.main(["search", "--acceptance", str(source), "--budget", "8", "--max-depth", "4",
                                   "-o", str(out)]) == 0
         assert load_growmap(out).size == 8
+
+
+@pytest.fixture(scope="module")
+def feature_draft_dir(tiny_pair, tiny_tokenizer) -> Path:
+    """A saved feature draft (random weights) for tiny_pair's target: its embedding and head are the target's."""
+    hf = LlamaForCausalLM.from_pretrained(tiny_pair[0])
+    torch.manual_seed(3)
+    net = FeatureDraftNet(feature_config(hf.config, 1, None), hf.model.embed_tokens.weight, hf.lm_head.weight)
+    folder = tiny_pair[0].parent / "feature-draft"
+    save_feature_folder(net, tiny_tokenizer, None, folder, "float32", {})
+    return folder
+
+
+@pytest.mark.parametrize("temperature", ["0", "0.8"])
+def test_acceptance_cli_measures_a_feature_draft_at_the_root_and_below(tiny_pair, feature_draft_dir, tmp_path,
+                                                                      capsys, temperature):
+    vec_path = tmp_path / "feat.pt"
+    argv = ["acceptance", "--target", str(tiny_pair[0]), "--model", str(feature_draft_dir), "--device", "cpu",
+            "--dtype", "float32", "--dataset", str(tiny_pair[2]), "--end", "3", "--prompt-len", "12",
+            "--T", temperature, "--width", "4", "--steps-per-prompt", "10", "-o", str(vec_path)]
+    assert growmap_tool.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "deep (" in printed and "root (" in printed
+    record = json.loads(vec_path.with_suffix(".json").read_text())
+    assert torch.load(vec_path, weights_only=True).tolist() == pytest.approx(record["acceptance"])  # .pt: deep
+    root, root_counts = record["root_acceptance"], record["root_counts"]
+    assert len(root) == 5 and root[0] == 0.0 and len(root_counts) == 6
+    assert sum(root_counts) == sum(record["counts"]) == record["positions"] > 0  # the same positions
+    assert sum(root) + record["root_none_accepted"] == pytest.approx(1.0)
+    assert "root_acceptance" in record["description"]
+    best = record["sequoia_best_tokens_per_step_10_levels"]["16"]
+    assert best == pytest.approx(sequoia_dp(record["acceptance"], 16, 10, root).value(16, 10))
+    # the .pt picks up the root vector from the .json beside it
+    assert growmap_tool.load_root_acceptance(str(vec_path)) == pytest.approx(root)
+    out = tmp_path / "tree.pt"
+    assert growmap_tool.main(["search", "--acceptance", str(vec_path), "--budget", "8", "--max-depth", "4",
+                              "-o", str(out)]) == 0
+    assert "root vector used" in capsys.readouterr().out
+    searched = json.loads(out.with_suffix(".json").read_text())
+    assert searched["root_acceptance"] == {"file": str(vec_path.with_suffix(".json")), "vector": pytest.approx(root)}
+
+
+def test_prompt_counts_of_a_feature_draft_measure_both_regimes(tiny_pair, feature_draft_dir):
+    """Deep: the draft fed its own predicted features (as before); root: fed the target's. A plain draft: root None."""
+    target_hf = LlamaForCausalLM.from_pretrained(tiny_pair[0])
+    target = TreeModel(target_hf, 64)
+    net, _ = load_feature_net(feature_draft_dir, target_hf)
+    draft = FeatureDraftModel(net, 64, None)
+    prompt, steps, width, greedy = list(range(5, 15)), 12, 4, Sampling(0.0)
+    measured = growmap_tool.prompt_counts(SimpleNamespace(target=target, draft=draft, eos_ids=set()), prompt, steps,
+                                          width, greedy, gen())
+    continuation = autoregressive_generate(target, prompt, steps, set(), greedy, gen()).output_ids
+    tokens = torch.tensor(prompt + continuation[:-1])
+    rows = torch.arange(len(prompt) - 1, tokens.shape[0])
+    target_logits = growmap_tool.target_vocab_logits(target, tokens, rows)
+    for counts, self_fed in ((measured.deep, True), (measured.root, False)):
+        draft_logits = growmap_tool.target_vocab_logits(draft, tokens, rows, target, self_fed)
+        assert torch.equal(counts, acceptance_counts(target_logits, draft_logits, width, greedy, gen()))
+    plain = TreeModel(LlamaForCausalLM.from_pretrained(tiny_pair[1]), 64)
+    sampled = growmap_tool.prompt_counts(SimpleNamespace(target=target, draft=plain, eos_ids=set()), prompt, steps,
+                                         width, Sampling(0.8, 0.9), gen(1))
+    assert sampled.root is None and int(sampled.deep.sum()) == steps
+
+
+def test_search_build_inspect_use_a_root_vector(tmp_path, capsys):
+    p, root_p = [0, 0.4, 0.05, 0.02], [0, 0.5, 0.4, 0.05]
+    vec = tmp_path / "vec.json"
+    vec.write_text(json.dumps({"acceptance": p, "root_acceptance": root_p}))
+    out = tmp_path / "s.pt"
+    assert growmap_tool.main(["search", "--acceptance", str(vec), "--budget", "8", "--max-depth", "5",
+                              "-o", str(out)]) == 0
+    assert "root vector used" in capsys.readouterr().out
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["root_acceptance"] == {"file": str(vec), "vector": root_p}
+    tree = load_growmap(out)
+    assert record["predicted_tokens_per_step"] == pytest.approx(expected_accepted(tree, p, root_p), abs=1e-12)
+    assert record["predicted_tokens_per_step"] > expected_accepted(tree, p) + 0.1  # the root vector counted
+    assert len(tree.successors[0]) == 3  # wider at the root than p alone would make it (2)
+    built = tmp_path / "b.pt"
+    assert growmap_tool.main(["build", "chain", "3", "--acceptance", str(vec), "-o", str(built)]) == 0
+    record = json.loads(built.with_suffix(".json").read_text())
+    assert record["root_acceptance"]["vector"] == root_p
+    assert record["predicted_tokens_per_step"] == pytest.approx(1 + 0.5 + 0.5 * 0.4 + 0.5 * 0.4 ** 2)
+    capsys.readouterr()
+    assert growmap_tool.main(["inspect", str(out), "--acceptance", str(vec)]) == 0
+    printed = capsys.readouterr().out
+    assert "root vector used" in printed and f"{expected_accepted(tree, p, root_p):.3f}" in printed
+
+
+def test_load_root_acceptance(tmp_path, capsys):
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([0, 0.5, 0.2]))
+    assert growmap_tool.load_root_acceptance(str(plain)) is None
+    keyed = tmp_path / "keyed.json"
+    keyed.write_text(json.dumps({"acceptance": [0, 0.5, 0.2], "root_acceptance": [0, 0.7, 0.2, 0.1]}))
+    assert growmap_tool.load_root_acceptance(str(keyed)) == pytest.approx([0, 0.7, 0.2, 0.1])
+    assert growmap_tool.load_root_acceptance(str(keyed), drop_last=True) == pytest.approx([0, 0.7, 0.2])
+    lone = tmp_path / "lone.pt"
+    torch.save(torch.tensor([0, 0.5, 0.2], dtype=torch.float64), lone)
+    assert growmap_tool.load_root_acceptance(str(lone)) is None  # no .json beside it
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"acceptance": [0, 0.5], "root_acceptance": [0, 0.9, 0.9]}))
+    with pytest.raises(UserError, match="bad.json"):
+        growmap_tool.load_root_acceptance(str(bad))
+    assert growmap_tool.main(["search", "--acceptance", str(bad), "--budget", "4", "-o", str(tmp_path / "x.pt")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_acceptance_cli_bad_width_is_one_line_error(tiny_pair, tmp_path, capsys):

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -70,13 +70,67 @@ def load_acceptance(path: str, drop_last: bool = False) -> list[float]:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"cannot read acceptance vector {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise UserError(f"cannot read acceptance vector {path}: {_first_line(exc)}") from exc
+    return _checked_vector(values, path, drop_last)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _checked_vector(values: list[float], path: str | Path, drop_last: bool) -> list[float]:
+    """values (less the last entry with drop_last) as a checked acceptance vector; UserError naming path."""
     if drop_last:
         values = values[:-1]
     try:
         return check_acceptance(values).tolist()
     except ValueError as exc:
         raise UserError(f"{path}: {exc}") from exc
+
+
+def root_acceptance_source(path: str) -> Path:
+    """Where a root vector for the acceptance file `path` would be: the file itself if it is a JSON, else
+    the .json record beside it (what `acceptance` writes next to its .pt)."""
+    file = Path(path)
+    return file if file.suffix == ".json" else file.with_suffix(".json")
+
+
+def load_root_acceptance(path: str, drop_last: bool = False) -> list[float] | None:
+    """The acceptance vector of the root's children, or None where the file has none.
+
+    A feature draft's root children are drafted from the target's real hidden state and accepted more often
+    than deeper nodes; `acceptance` measures both and writes this one as "root_acceptance" in its JSON. Read
+    from a JSON object's "root_acceptance" key; for a .pt, from the .json beside it if that exists. Same
+    convention (and --drop-last) as `load_acceptance`.
+    """
+    source = root_acceptance_source(path)
+    if not source.is_file():
+        return None
+    try:
+        data = json.loads(source.read_text())
+        values = data.get("root_acceptance") if isinstance(data, dict) else None
+        if values is None:
+            return None
+        if not isinstance(values, list):
+            raise ValueError('"root_acceptance" must be a list of probabilities')
+        values = [float(x) for x in values]
+    except Exception as exc:
+        raise UserError(f"cannot read the root acceptance vector in {source}: {_first_line(exc)}") from exc
+    return _checked_vector(values, source, drop_last)
+
+
+def load_vectors(args: argparse.Namespace) -> tuple[list[float], list[float] | None, dict]:
+    """(p, root_p or None, the record's "acceptance" [and "root_acceptance"] entries) for --acceptance,
+    saying on stdout when a root vector is used."""
+    p = load_acceptance(args.acceptance, args.drop_last)
+    root_p = load_root_acceptance(args.acceptance, args.drop_last)
+    entries = {"acceptance": {"file": args.acceptance, "vector": p}}
+    if root_p is not None:
+        source = str(root_acceptance_source(args.acceptance))
+        entries["root_acceptance"] = {"file": source, "vector": root_p}
+        print(f"root vector used for the root's children (from {source}): p[1] = {root_p[1]:.4f}, "
+              f"deeper nodes p[1] = {p[1]:.4f}")
+    return p, root_p, entries
 
 
 def load_latency(path: str, draft_ms: float | None) -> LatencyProfile:
@@ -165,9 +219,9 @@ def cmd_build(args: argparse.Namespace, argv: Sequence[str]) -> None:
         growmap, params = from_parents(parents), {"parents": parents}
     record = {"made_by": _command(argv), "builder": args.shape, "parameters": params, "shape": shape_summary(growmap)}
     if args.acceptance:
-        p = load_acceptance(args.acceptance, args.drop_last)
-        record["acceptance"] = {"file": args.acceptance, "vector": p}
-        record["predicted_tokens_per_step"] = expected_accepted(growmap, p)
+        p, root_p, entries = load_vectors(args)
+        record.update(entries)
+        record["predicted_tokens_per_step"] = expected_accepted(growmap, p, root_p)
         print(f"predicted tokens per step: {record['predicted_tokens_per_step']:.3f}")
     _save(growmap, out, record)
 
@@ -183,10 +237,10 @@ def _budget_table(choices, chosen) -> list[str]:
 
 def cmd_search(args: argparse.Namespace, argv: Sequence[str]) -> None:
     out = _out_path(args.output)
-    p = load_acceptance(args.acceptance, args.drop_last)
+    p, root_p, entries = load_vectors(args)
     levels = _positive("--max-depth", args.max_depth)
     record: dict = {"made_by": _command(argv), "method": "Sequoia dynamic program (arXiv 2402.12374)",
-                    "acceptance": {"file": args.acceptance, "vector": p}, "max_levels": levels}
+                    **entries, "max_levels": levels}
     if args.latency is None:
         if args.draft_ms is not None:
             raise UserError("--draft-ms needs --latency")
@@ -194,7 +248,7 @@ def cmd_search(args: argparse.Namespace, argv: Sequence[str]) -> None:
             raise UserError("search needs --budget N (or --latency to choose it)")
         budget = _positive("--budget", args.budget)
         _check_size(budget)
-        table = sequoia_dp(p, budget, levels)
+        table = sequoia_dp(p, budget, levels, root_p)
         growmap = table.tree(budget, levels)
         predicted = table.value(budget, levels)
         record.update(budget=budget, predicted_tokens_per_step=predicted,
@@ -204,7 +258,7 @@ def cmd_search(args: argparse.Namespace, argv: Sequence[str]) -> None:
         profile = load_latency(args.latency, args.draft_ms)
         max_budget = args.budget if args.budget is not None else max(profile.target_ms)
         _check_size(_positive("--budget", max_budget))
-        table = sequoia_dp(p, max_budget, levels)
+        table = sequoia_dp(p, max_budget, levels, root_p)
         try:
             choice = choose_budget(table, profile)
         except ValueError as exc:
@@ -222,7 +276,7 @@ def cmd_search(args: argparse.Namespace, argv: Sequence[str]) -> None:
                       budget=best.budget, levels=best.levels, predicted_tokens_per_step=predicted,
                       predicted_ms_per_token=best.ms_per_token, predicted_speedup=best.speedup,
                       per_budget=[vars(c) for c in choice.per_budget])
-    assert abs(expected_accepted(growmap, p) - predicted) < 1e-9
+    assert abs(expected_accepted(growmap, p, root_p) - predicted) < 1e-9
     record["shape"] = shape_summary(growmap)
     record["parents"] = growmap.parents.tolist()
     _save(growmap, out, record)
@@ -243,14 +297,14 @@ def cmd_inspect(args: argparse.Namespace, argv: Sequence[str]) -> None:
     counts = growmap.nodes_per_depth()
     for d, kids in enumerate(growmap.branching_per_depth()):
         print(f"{d:>5}  {counts[d]:>5}  {len(kids):>8}  {' '.join(map(str, kids)) if kids else '-'}")
-    p = None
+    predicted = None
     if args.acceptance:
-        p = load_acceptance(args.acceptance, args.drop_last)
-        print(f"predicted tokens per step under {args.acceptance}: {expected_accepted(growmap, p):.3f}")
+        p, root_p, _ = load_vectors(args)
+        predicted = expected_accepted(growmap, p, root_p)
+        print(f"predicted tokens per step under {args.acceptance}: {predicted:.3f}")
     print(format_tree(growmap, max_lines=args.max_lines))
     if args.png:
-        draw_png(growmap, Path(args.png), title=Path(args.file).name,
-                 predicted=None if p is None else expected_accepted(growmap, p))
+        draw_png(growmap, Path(args.png), title=Path(args.file).name, predicted=predicted)
         print(f"wrote {args.png}")
 
 
@@ -341,21 +395,33 @@ def _environment(device: str, dtype: torch.dtype) -> dict:
 
 # ---------------------------------------------------------------- measuring: acceptance vector
 
-def target_vocab_logits(model, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def target_vocab_logits(model, tokens: torch.Tensor, rows: torch.Tensor, target=None,
+                        self_fed: bool = False) -> torch.Tensor:
     """One causal forward of a TreeModel over tokens [L] (slots and positions 0..L-1) -> logits [r, V] of
-    `rows` over the target vocabulary (-inf on tokens a vocabulary-subset draft cannot propose)."""
+    `rows` over the target vocabulary (-inf on tokens a vocabulary-subset draft cannot propose). A feature
+    draft reads `target`'s features (or, `self_fed`, its own predictions: see teacher_forced_logits)."""
     from engine.drafters import teacher_forced_logits
     from utils.potential import to_target_vocab
 
-    logits = teacher_forced_logits(model, tokens, rows)                                   # [r, own V]
+    logits = teacher_forced_logits(model, tokens, rows, target, self_fed)                  # [r, own V]
     return to_target_vocab(logits, model.output_ids, model.target_vocab_size, float("-inf"))
 
 
-def prompt_counts(pair, prompt_ids: list[int], steps: int, width: int, sampling, generator: torch.Generator) -> torch.Tensor:
+class PromptCounts(NamedTuple):
+    """Acceptance counts [W + 2] of one prompt, per regime."""
+    deep: torch.Tensor          # children of any node; a feature draft fed its own predicted features
+    root: torch.Tensor | None   # a feature draft's root children, fed the target's real features; else None
+
+
+def prompt_counts(pair, prompt_ids: list[int], steps: int, width: int, sampling,
+                  generator: torch.Generator) -> PromptCounts:
     """Acceptance counts [W + 2] along the target's own continuation (<= `steps` tokens) of one prompt.
 
     Position t has context prompt + continuation[:t]; one teacher-forced forward of each model over
-    prompt + continuation[:-1] gives every position's distribution at once.
+    prompt + continuation[:-1] gives every position's distribution at once. A feature draft is measured
+    twice on the same continuation: deep (self-fed, as every node below depth 1 runs) and root (the target's
+    features, as the root's children run). Each regime takes its own draws from `generator` (at T > 0 the
+    children are sampled), deep first, so a plain draft's counts and every deep count stay as they were.
     """
     from engine.acceptance import acceptance_counts
     from engine.decoder import autoregressive_generate
@@ -365,8 +431,13 @@ def prompt_counts(pair, prompt_ids: list[int], steps: int, width: int, sampling,
     tokens = torch.tensor(prompt_ids + continuation[:-1], dtype=torch.long, device=device)  # [L]
     rows = torch.arange(len(prompt_ids) - 1, tokens.shape[0], device=device)               # [len(continuation)]
     target_logits = target_vocab_logits(pair.target, tokens, rows)                          # [n, V]
-    draft_logits = target_vocab_logits(pair.draft, tokens, rows)                            # [n, V]
-    return acceptance_counts(target_logits, draft_logits, width, sampling, generator)
+
+    def counts(self_fed: bool) -> torch.Tensor:
+        draft_logits = target_vocab_logits(pair.draft, tokens, rows, pair.target, self_fed)  # [n, V]
+        return acceptance_counts(target_logits, draft_logits, width, sampling, generator)
+
+    deep = counts(True)  # a plain draft ignores self_fed
+    return PromptCounts(deep, counts(False) if pair.draft.uses_target_features else None)
 
 
 def _check_measure_flags(args: argparse.Namespace) -> None:
@@ -399,27 +470,35 @@ def cmd_acceptance(args: argparse.Namespace, argv: Sequence[str]) -> None:
     prompts = load_prompts(args.dataset, pair.tokenizer, args.start, args.end, args.prompt_len)
     sampling = Sampling(args.T, args.P)
     counts = torch.zeros(width + 2, dtype=torch.long)
+    root_counts = torch.zeros(width + 2, dtype=torch.long) if pair.draft.uses_target_features else None
     for prompt in tqdm(prompts, desc="acceptance", unit="prompt", dynamic_ncols=True):
         try:
             check_capacity(pair.target, len(prompt.ids), steps, 0)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
-        counts += prompt_counts(pair, prompt.ids, steps, width, sampling, generator_for(device, args.seed + prompt.index))
+        measured = prompt_counts(pair, prompt.ids, steps, width, sampling, generator_for(device, args.seed + prompt.index))
+        counts += measured.deep
+        if root_counts is not None:
+            root_counts += measured.root
     vec = acceptance_vector(counts)  # [W + 1], index 0 padding, 'none accepted' dropped
     none = none_fraction(counts)
-    table = sequoia_dp(vec.tolist(), max(SEQUOIA_BUDGETS), SEQUOIA_LEVELS)
+    root_vec = None if root_counts is None else acceptance_vector(root_counts)
+    table = sequoia_dp(vec.tolist(), max(SEQUOIA_BUDGETS), SEQUOIA_LEVELS, None if root_vec is None else root_vec.tolist())
     best = {str(n): table.value(n, SEQUOIA_LEVELS) for n in SEQUOIA_BUDGETS}
+    root_entries = {} if root_vec is None else {
+        "root_acceptance": root_vec.tolist(), "root_none_accepted": none_fraction(root_counts),
+        "root_counts": root_counts.tolist()}
     record = {
         "description": "Positional acceptance vector: acceptance[k] = fraction of positions where the k-th drafted "
                        "child was accepted. Index 0 is padding; the 'none accepted' fraction is none_accepted "
-                       "(Sequoia's vector = acceptance + [none_accepted]).",
+                       "(Sequoia's vector = acceptance + [none_accepted])." + ("" if root_vec is None else FEATURE_REGIMES),
         "made_by": _command(argv), "method": "Sequoia (arXiv 2402.12374): along the target's own continuation",
         "target": pair.target_name, "draft": pair.draft_name, "dataset": args.dataset, "range": [args.start, args.end],
         "prompts": len(prompts), "prompt_len": args.prompt_len, "steps_per_prompt": steps,
         "positions": int(counts.sum()), "T": args.T, "P": args.P, "width": width, "seed": args.seed,
         "rule": "greedy: child == target argmax" if sampling.greedy else
                 "SpecInfer/Sequoia: children sampled without replacement from the draft, accept min(1, p/q)",
-        "acceptance": vec.tolist(), "none_accepted": none, "counts": counts.tolist(),
+        "acceptance": vec.tolist(), "none_accepted": none, "counts": counts.tolist(), **root_entries,
         "counts_layout": "[0 (padding), accepted at rank 1..W, none accepted]",
         f"sequoia_best_tokens_per_step_{SEQUOIA_LEVELS}_levels": best,
         **_environment(device, dtype),
@@ -427,11 +506,26 @@ def cmd_acceptance(args: argparse.Namespace, argv: Sequence[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(vec, out)
     write_json(out.with_suffix(".json"), record)
-    shown = " ".join(f"{x:.4f}" for x in vec[1:9].tolist())
-    print(f"{record['positions']} positions over {len(prompts)} prompts; p[1..{min(width, 8)}] = {shown}; "
-          f"ranks sum {float(vec.sum()):.4f}, none accepted {none:.4f}")
+    print(f"{record['positions']} positions over {len(prompts)} prompts; "
+          + ("" if root_vec is None else "deep (nodes below depth 1, self-fed features): ") + _vector_line(vec, none))
+    if root_vec is not None:
+        print("root (the root's children, the target's features): " + _vector_line(root_vec, record["root_none_accepted"]))
     print("Sequoia's best tree at 10 levels: " + ", ".join(f"{n} nodes {v:.3f}" for n, v in best.items()) + " tokens/step")
     print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+FEATURE_REGIMES = (
+    " A feature draft is measured in two regimes on the same positions. acceptance / none_accepted / counts (and the "
+    ".pt): deep, the draft fed its own predicted feature of the previous position, as every tree node below depth "
+    "1 runs. root_acceptance / root_none_accepted / root_counts: root, the draft fed the target's real feature, as "
+    "the root's children run. search, build and inspect score the root's children with root_acceptance and every "
+    "other node with acceptance; so do the sequoia_best figures.")
+
+
+def _vector_line(vec: torch.Tensor, none: float) -> str:
+    """p[1..8], the ranks' sum and the 'none accepted' fraction of an acceptance vector, in one line."""
+    shown = " ".join(f"{x:.4f}" for x in vec[1:9].tolist())
+    return f"p[1..{min(vec.shape[0] - 1, 8)}] = {shown}; ranks sum {float(vec.sum()):.4f}, none accepted {none:.4f}"
 
 
 # ---------------------------------------------------------------- measuring: latency profile
@@ -496,12 +590,17 @@ def _draft_call(model, inputs):
     """One draft growth step: the forward over the frontier and the top-k children of each node."""
     tokens, positions, slots, mask = inputs
     k = min(DRAFT_TOPK, model.vocab_size)
+    if model.uses_target_features:  # the values of the input features do not change the cost
+        features = torch.zeros(tokens.shape[0], model.hidden_size, dtype=model.dtype, device=model.device)
+        return lambda: model.to_target_ids(model.forward(tokens, positions, slots, mask, prev_features=features)[0]
+                                           .topk(k, dim=-1).indices)
     return lambda: model.to_target_ids(model.forward(tokens, positions, slots, mask).topk(k, dim=-1).indices)
 
 
 def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Sequoia's hardware profile (arXiv 2402.12374, section 3.2): target forward time per tree size, draft step time."""
     from engine.drafters import append_tokens
+    from engine.tree_mask import causal_mask
 
     out = Path(args.output)
     if out.suffix != ".json":
@@ -520,7 +619,11 @@ def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
     calls = {}
     for model, kind, kind_sizes, make in ((pair.target, "target", sizes, _target_call),
                                           (pair.draft, "draft", draft_sizes, _draft_call)):
-        if args.prefix:
+        if args.prefix and model.uses_target_features:
+            slots = torch.arange(args.prefix, device=device)
+            model.forward(prefix_ids, slots, slots, causal_mask(args.prefix, 0, device), logits_rows=slots[:0],
+                          prev_features=torch.zeros(args.prefix, model.hidden_size, dtype=model.dtype, device=device))
+        elif args.prefix:
             append_tokens(model, prefix_ids, 0, last_logits=False)
         for n in kind_sizes:
             calls[f"{kind}:{n}"] = make(model, tree_inputs(n, args.prefix, vocab, args.tree, generator, device))
