@@ -12,7 +12,7 @@ from engine.drafters import append_tokens
 from engine.model import TreeModel
 from engine.sampling import Sampling, probs_from_logits, sample
 from engine.tree import CandidateTree
-from engine.tree_mask import causal_mask, tree_attention_mask
+from engine.tree_mask import tree_attention_mask
 from engine.verifiers import verify
 
 
@@ -86,13 +86,9 @@ def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[i
     drafter.reset()
     features = drafter.uses_target_features
     if len(prompt_ids) > 1:
+        prefill = append_tokens(target, committed[:-1], 0, last_logits=False, return_hidden=features)
         if features:
-            slots = torch.arange(len(prompt_ids) - 1, device=device)
-            _, hidden = target.forward(committed[:-1], slots, slots, causal_mask(len(prompt_ids) - 1, 0, device),
-                                       logits_rows=slots[:0], return_hidden=True)
-            drafter.record_target_features(0, hidden)
-        else:
-            append_tokens(target, committed[:-1], 0, last_logits=False)
+            drafter.record_target_features(0, prefill[1])
     result = DecodeResult(output_ids=[], target_steps=0)
     timer.start()
     done = max_new_tokens <= 0

@@ -18,15 +18,31 @@ from engine.tree import CandidateTree
 from engine.tree_mask import causal_mask, tree_attention_mask
 
 
-def append_tokens(model: TreeModel, token_ids: torch.Tensor, start: int, last_logits: bool = True) -> torch.Tensor | None:
+def append_tokens(model: TreeModel, token_ids: torch.Tensor, start: int, last_logits: bool = True,
+                  prev_features: torch.Tensor | None = None,
+                  return_hidden: bool = False) -> torch.Tensor | None | tuple[torch.Tensor | None, torch.Tensor]:
     """Append a causal chunk of committed tokens (token_ids: [c] long) at slots/positions [start, start + c)
-    and return the last token's logits ([own vocab]) if asked; the prefill skips the LM head entirely."""
+    and return the last token's logits ([own vocab]) if asked; the prefill skips the LM head entirely.
+
+    A feature draft needs `prev_features` [c, d] (zeros where only the cost matters); with `return_hidden`
+    (or for a feature draft, which always returns them) the chunk's final hidden states [c, d] come back too,
+    as (logits or None, hidden).
+    """
     count = token_ids.shape[0]
     slots = torch.arange(start, start + count, device=model.device)
     mask = causal_mask(count, start, model.device)
-    rows = torch.tensor([count - 1], device=model.device) if last_logits else torch.zeros(0, dtype=torch.long, device=model.device)
-    logits = model.forward(token_ids, slots, slots, mask, logits_rows=rows)
-    return logits[0] if last_logits else None
+    rows = slots[-1:] - start if last_logits else slots[:0]
+    if model.uses_target_features:
+        if prev_features is None:
+            prev_features = torch.zeros(count, model.hidden_size, dtype=model.dtype, device=model.device)
+        logits, hidden = model.forward(token_ids, slots, slots, mask, logits_rows=rows, prev_features=prev_features)
+        return_hidden = True
+    elif return_hidden:
+        logits, hidden = model.forward(token_ids, slots, slots, mask, logits_rows=rows, return_hidden=True)
+    else:
+        logits = model.forward(token_ids, slots, slots, mask, logits_rows=rows)
+    last = logits[0] if last_logits else None
+    return (last, hidden) if return_hidden else last
 
 
 def teacher_forced_logits(model: TreeModel, token_ids: torch.Tensor, rows: torch.Tensor,
@@ -36,8 +52,9 @@ def teacher_forced_logits(model: TreeModel, token_ids: torch.Tensor, rows: torch
     Returns the next-token logits of `rows` over the model's own vocabulary, [r, own vocab]: every position's
     distribution from a single forward, which is how draft quality is measured without decoding.
     A feature draft needs the `target` (its features are the input). With `self_fed` it reads its own
-    predicted feature of the previous position instead of the target's, as every tree node below depth 1
-    does: a second forward, fed the first one's predictions.
+    predicted feature of the previous position instead of the target's, as the children of every non-root
+    tree node do: a second forward, fed the first one's predictions. (Here every position is self-fed, also
+    the context, where decoding uses the target's real features: a slightly pessimistic stand-in.)
     """
     length = token_ids.shape[0]
     slots = torch.arange(length, device=model.device)
@@ -60,8 +77,8 @@ class DraftCache:
 
     For a feature draft (engine/feature_draft.py) it also keeps the target's feature of every committed slot
     (`record_target_features`, fed by the decoder after each target forward): slot p runs with the feature of
-    slot p - 1. Tree nodes run on predicted features, so `accept` keeps none of them: the next `catch_up` runs
-    the accepted tokens again with the target's real features, in one forward.
+    slot p - 1. Tree nodes run on their parent's predicted feature, so `accept` keeps none of them: the next
+    `catch_up` runs the accepted tokens again with the target's real features, in one forward.
     """
 
     def __init__(self, draft: TreeModel) -> None:
@@ -70,7 +87,7 @@ class DraftCache:
         self.cached_len = 0
         self.root_slot = 0
         self.ran_nodes: set[int] = set()
-        self.root_feature: torch.Tensor | None = None
+        self.root_predicted_feature: torch.Tensor | None = None  # feature draft: its prediction of the root's
         # row p + 1 holds the target's feature of slot p; row 0 stays zero (slot 0 has no previous position)
         self.feature_log = torch.zeros(draft.max_len + 1, draft.hidden_size, dtype=draft.dtype,
                                        device=draft.device) if self.uses_features else None
@@ -87,14 +104,10 @@ class DraftCache:
         """committed: [L] long, all committed tokens (the last one is this step's root).
         Runs the unseen ones and returns the root's next-token logits [draft vocab]."""
         length = committed.shape[0]
-        if self.uses_features:
-            start = self.cached_len
-            slots = torch.arange(start, length, device=self.draft.device)
-            rows = torch.tensor([length - 1 - start], device=self.draft.device)
-            logits, hidden = self.draft.forward(committed[start:], slots, slots, causal_mask(length - start, start,
-                                                                                            self.draft.device),
-                                                logits_rows=rows, prev_features=self.feature_log[slots])
-            logits, self.root_feature = logits[0], hidden[-1]
+        if self.uses_features:  # slot p reads the target's feature of slot p - 1: feature_log row p
+            logits, hidden = append_tokens(self.draft, committed[self.cached_len:], self.cached_len,
+                                           prev_features=self.feature_log[self.cached_len:length])
+            self.root_predicted_feature = hidden[-1]
         else:
             logits = append_tokens(self.draft, committed[self.cached_len:], self.cached_len)
         self.cached_len = length
@@ -204,8 +217,8 @@ class StaticTreeDrafter:
         root_logits = self.cache.catch_up(committed)
         node_features = None
         if self.uses_target_features:  # each run node's predicted feature, read by its children
-            node_features = self.cache.root_feature.new_zeros(size, self.cache.root_feature.shape[0])
-            node_features[0] = self.cache.root_feature
+            node_features = self.cache.root_predicted_feature.new_zeros(size, self.cache.root_predicted_feature.shape[0])
+            node_features[0] = self.cache.root_predicted_feature
         draft_probs: dict[int, torch.Tensor] = {}
         for step in self.steps:
             if step.expanded_ids == [0]:  # catch_up already ran the root

@@ -11,7 +11,7 @@ Layout (slot p of the draft cache holds the pair (token p, feature p-1); slot 0 
   committed slots  the feature is the target's real h(p-1), recorded after each target forward;
   tree nodes       the feature is the draft's own prediction for the node's parent (the parent's output),
                    so those cache entries are thrown away after each step and the accepted tokens are run
-                   again with the target's real features (`FeatureDraftCache` in engine/drafters.py).
+                   again with the target's real features (`DraftCache` in engine/drafters.py).
 
 The draft's embedding and LM head are the target's (frozen, never saved with the draft); the LM head may be
 restricted to a subset of the vocabulary (`head_ids`), which is what keeps the draft cheap: SmolLM2-135M's
@@ -26,10 +26,6 @@ from torch import nn
 from engine.model import TreeModel, decoder_stack
 
 FEATURE_DRAFT_KEY = "treespec_feature_draft"  # config.json entry that marks a feature draft folder
-
-
-def is_feature_draft_config(config: dict) -> bool:
-    return FEATURE_DRAFT_KEY in config
 
 
 class FeatureDraftNet(nn.Module):
@@ -81,10 +77,10 @@ class FeatureDraftNet(nn.Module):
 
 
 class FeatureDraftModel(TreeModel):
-    """A FeatureDraftNet run by the engine over its own KV cache (one layer's worth of slots).
+    """A FeatureDraftNet run by the engine over its own KV cache (one cache layer per draft layer).
 
     `forward` takes the previous-position features of the n tokens as well (`prev_features` [n, d]) and
-    returns (logits over the head's vocabulary, predicted features [n, d]).
+    always returns (logits over the head's vocabulary, predicted features [n, d]).
     """
 
     uses_target_features = True
@@ -103,7 +99,7 @@ class FeatureDraftModel(TreeModel):
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
-                attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None, return_hidden: bool = True,
+                attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None,
                 prev_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if prev_features is None:
             raise ValueError("a feature draft needs the previous positions' target features (prev_features)")

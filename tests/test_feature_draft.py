@@ -19,11 +19,16 @@ from engine.sampling import Sampling
 from tests.conftest import REPO_ROOT
 from tests.test_pretrain import read_log, text_file, tiny_settings, tiny_target  # noqa: F401 (fixtures)
 from tests.tiny_models import random_prompt, tiny_llama
-from utils.draft_training import checkpoints, train
+from utils.draft_training import TrainSettings, checkpoints, train
 from utils.errors import UserError
 from utils.feature_training import feature_config, load_feature_net
 
 GREEDY = Sampling(0.0, 1.0)
+
+
+def feature_settings(out, target, data, **overrides) -> TrainSettings:
+    """test_pretrain's tiny run settings for --arch feature (whose shape is the target's: no preset)."""
+    return tiny_settings(out, target, data, arch="feature", preset=TrainSettings.preset, **overrides)
 VOCAB = 96
 
 
@@ -91,7 +96,7 @@ def test_draft_reads_the_targets_feature_of_the_previous_slot(monkeypatch):
 
 def test_feature_training_lowers_loss_and_checkpoint_runs_test_greedyS(tmp_path, tiny_target, text_file):
     out = tmp_path / "run"
-    metrics = train(tiny_settings(out, tiny_target, text_file, arch="feature", vocab_subset=40, max_steps=40,
+    metrics = train(feature_settings(out, tiny_target, text_file, vocab_subset=40, max_steps=40,
                                   save_dtype="bfloat16"))
     losses = [r["loss"] for r in read_log(out) if "loss" in r]
     assert losses[-1] < 0.8 * losses[0]
@@ -110,8 +115,8 @@ def test_feature_training_lowers_loss_and_checkpoint_runs_test_greedyS(tmp_path,
 
 def test_resume_continues_a_feature_run(tmp_path, tiny_target, text_file):
     out = tmp_path / "run"
-    train(tiny_settings(out, tiny_target, text_file, arch="feature", max_steps=20, save_steps=10))
-    train(tiny_settings(out, tiny_target, text_file, arch="feature", max_steps=30, save_steps=10, resume=True))
+    train(feature_settings(out, tiny_target, text_file, max_steps=20, save_steps=10))
+    train(feature_settings(out, tiny_target, text_file, max_steps=30, save_steps=10, resume=True))
     assert checkpoints(out)[-1].name == "checkpoint-30"
     steps = [r["step"] for r in read_log(out) if "loss" in r]
     assert steps[steps.index(20) + 1] == 25
@@ -119,7 +124,7 @@ def test_resume_continues_a_feature_run(tmp_path, tiny_target, text_file):
 
 def test_feature_draft_for_another_target_is_refused(tmp_path, tiny_target, text_file):
     out = tmp_path / "run"
-    train(tiny_settings(out, tiny_target, text_file, arch="feature", max_steps=5, save_steps=5))
+    train(feature_settings(out, tiny_target, text_file, max_steps=5, save_steps=5))
     other = tiny_llama(1, vocab=VOCAB, hidden=32, heads=2, kv_heads=1)
     with pytest.raises(UserError, match="hidden size|vocabulary"):
         load_feature_net(checkpoints(out)[-1], other)
@@ -129,7 +134,46 @@ def test_measure_cost_times_a_feature_draft_through_the_engine(tmp_path, tiny_ta
     from utils.draft_training import measure_cost
 
     out = tmp_path / "run"
-    train(tiny_settings(out, tiny_target, text_file, arch="feature", max_steps=5, save_steps=5))
+    train(feature_settings(out, tiny_target, text_file, max_steps=5, save_steps=5))
     rows = measure_cost(str(checkpoints(out)[-1]), str(tiny_target), context=16, steps=2, repeats=1)
     assert [row["runtime"] for row in rows] == ["engine", "engine"]
     assert all(row["target_ms"] > 0 and row["draft_ms"] > 0 and row["ratio"] > 0 for row in rows)
+
+
+def test_eval_only_and_token_loaders_know_a_feature_draft(tmp_path, tiny_target, text_file):
+    from utils.draft_training import evaluate_only, load_init
+    from utils.models import load_hf_model, load_tokenizer
+
+    out = tmp_path / "run"
+    train(feature_settings(out, tiny_target, text_file, max_steps=5, save_steps=5))
+    ckpt = str(checkpoints(out)[-1])
+    metrics = evaluate_only(feature_settings(tmp_path / "eval", tiny_target, text_file, init=ckpt,
+                                          eval_only=True))
+    assert 0.0 <= metrics["heldout_top1"] <= metrics["heldout_top4"] <= 1.0 and metrics["heldout_positions"] > 0
+    with pytest.raises(UserError, match="feature draft"):
+        load_hf_model(ckpt, torch.float32, "cpu")
+    with pytest.raises(UserError, match="feature draft"):
+        load_init(ckpt, load_tokenizer(str(tiny_target)), str(tiny_target))
+
+
+def test_token_only_flags_are_refused_for_a_feature_draft(tmp_path, tiny_target, text_file):
+    with pytest.raises(UserError, match="--loss"):
+        train(feature_settings(tmp_path / "run", tiny_target, text_file, loss="kl"))
+
+
+def test_resumed_run_equals_an_uninterrupted_one_with_self_feed(tmp_path, tiny_target, text_file):
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(feature_settings(straight, tiny_target, text_file, max_steps=20, save_steps=20, self_feed=0.5))
+    train(feature_settings(resumed, tiny_target, text_file, max_steps=20, save_steps=10, self_feed=0.5,
+                           max_minutes=0.0))
+    # interrupt: drop the final checkpoint and resume from checkpoint-10
+    import shutil
+    shutil.rmtree(resumed / "checkpoint-20")
+    train(feature_settings(resumed, tiny_target, text_file, max_steps=20, save_steps=10, self_feed=0.5, resume=True))
+    a = load_file(str(straight / "checkpoint-20" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoint-20" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)

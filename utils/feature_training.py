@@ -205,7 +205,12 @@ def feature_metrics(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: tor
 def evaluate_features(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: torch.Tensor | None,
                       tokens: np.ndarray, spans: list[tuple[int, int]], features: torch.Tensor, starts: np.ndarray,
                       batch_size: int, cls_weight: float) -> dict[str, float]:
-    """Held-out losses per position and agreement rates (see feature_metrics)."""
+    """Held-out losses per position and agreement rates (see feature_metrics), on the net's device."""
+    if not spans:
+        return {}
+    device = net.fc.weight.device
+    full_head = full_head.to(device)
+    head_ids = None if head_ids is None else head_ids.to(device)
     was_training = net.training
     net.eval()
     sums: dict[str, float] = {}
@@ -213,7 +218,7 @@ def evaluate_features(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: t
     with torch.no_grad():
         for j in range(0, len(spans), batch_size):
             chosen = list(range(j, min(j + batch_size, len(spans))))
-            ids, feats, valid = feature_batch(tokens, spans, features, starts, chosen)
+            ids, feats, valid = (t.to(device) for t in feature_batch(tokens, spans, features, starts, chosen))
             predicted = net(ids, shift_features(feats))
             for k, v in feature_losses(net, predicted, feats, valid, cls_weight).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -230,6 +235,29 @@ def evaluate_features(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: t
 
 # ---------------------------------------------------------------------------------------------------------
 # Training
+
+
+FEATURE_DTYPE = torch.bfloat16  # targets features are computed in: the engine's CPU default (AMX), and compact
+
+
+def evaluate_feature_draft_only(s) -> dict[str, float]:
+    """`--eval-only` for a feature draft: held-out metrics of --init on the rows a training run with these
+    data settings and --seed would have set aside (features cached in --output-dir)."""
+    from utils import draft_training as dt
+
+    tokenizer = load_tokenizer(s.target)
+    dt.check_tokenizer_match(load_tokenizer(s.init), tokenizer, s.init, s.target)
+    _, held = dt.split_rows(dt.load_training_data(s, tokenizer), s.eval_rows, s.seed)
+    target = load_hf_model(s.target, torch.float32, "cpu")
+    net, head_list = load_feature_net(resolve_model_path(s.init), target)
+    spans = dt.windows(held, s.seq_len)
+    Path(s.output_dir).mkdir(parents=True, exist_ok=True)
+    features, starts = cached_features(load_hf_model(s.target, FEATURE_DTYPE, "cpu"), held.tokens, spans,
+                                       s.batch_size, Path(s.output_dir) / ("heldout_" + FEATURE_CACHE))
+    head_ids = None if head_list is None else torch.tensor(head_list)
+    return evaluate_features(net, target.lm_head.weight.detach(), head_ids, held.tokens, spans, features, starts,
+                             s.batch_size, s.cls_weight) | {
+        "heldout_coverage": dt.heldout_coverage(held, load_draft_vocab(resolve_model_path(s.init)))}
 
 
 def train_feature_draft(s) -> dict[str, float]:
@@ -252,9 +280,8 @@ def train_feature_draft(s) -> dict[str, float]:
     tokenizer = load_tokenizer(s.target)
     data = dt.load_training_data(s, tokenizer)
     train_data, held = dt.split_rows(data, s.eval_rows, s.seed)
-    # features in the dtype the engine runs the target in on CPUs with AMX (bfloat16); the full-precision
-    # head and embedding come from a float32 copy
-    target_bf16 = load_hf_model(s.target, torch.bfloat16, "cpu")
+    # features in FEATURE_DTYPE; the full-precision head and embedding come from a float32 copy
+    target_bf16 = load_hf_model(s.target, FEATURE_DTYPE, "cpu")
     target = load_hf_model(s.target, torch.float32, "cpu")
     init = found[-1] if found else s.init
     if init is not None:
@@ -307,9 +334,8 @@ def train_feature_draft(s) -> dict[str, float]:
                 "trained_parameters": sum(p.numel() for p in params)}
         (out_dir / "data_info.json").write_text(json.dumps(info, indent=1))
 
-    per_epoch = max(1, math.ceil(len(spans) / s.batch_size))
-    feed_rng = random.Random(s.seed * 7919 + step)  # reseeded from the step: a resumed run continues the pattern
     world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch = max(1, math.ceil(len(spans) / (s.batch_size * world)))
     log_path = out_dir / dt.LOSS_LOG
     log = dt.LossLog(log_path, s.logging_steps, per_epoch)
     start_time = time.time()
@@ -332,12 +358,16 @@ def train_feature_draft(s) -> dict[str, float]:
         lr = s.lr * dt.lr_factor(s, step, elapsed_before + time.time() - start_time)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # the step's own random draws (self-feed or not, the noise), so that a resumed run repeats them exactly
+        step_rng = torch.Generator(device=ids.device).manual_seed(s.seed * 1_000_003 + step)
         prev = shift_features(feats)
-        if s.self_feed > 0 and feed_rng.random() < s.self_feed:
-            # a tree node below depth 1 reads its parent's *predicted* feature: train on that input too
+        if s.self_feed > 0 and random.Random(s.seed * 1_000_003 + step).random() < s.self_feed:
+            # the children of a non-root tree node read its *predicted* feature: train on that input too
             with torch.no_grad(), accelerator.autocast():
                 prev = shift_features(net(ids, prev).to(feats.dtype))
-        prev = prev + noise_std * torch.randn(prev.shape, dtype=torch.float32, device=prev.device).to(prev.dtype)
+        noise = noise_std * torch.randn(prev.shape, generator=step_rng, device=ids.device)
+        noise[:, 0] = 0.0  # position 0's input feature is exactly zero at inference
+        prev = prev + noise.to(prev.dtype)
         with accelerator.autocast():
             predicted = net(ids, prev)
         losses = feature_losses(unwrapped, predicted, feats, valid, s.cls_weight)

@@ -600,7 +600,6 @@ def _draft_call(model, inputs):
 def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Sequoia's hardware profile (arXiv 2402.12374, section 3.2): target forward time per tree size, draft step time."""
     from engine.drafters import append_tokens
-    from engine.tree_mask import causal_mask
 
     out = Path(args.output)
     if out.suffix != ".json":
@@ -619,11 +618,7 @@ def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
     calls = {}
     for model, kind, kind_sizes, make in ((pair.target, "target", sizes, _target_call),
                                           (pair.draft, "draft", draft_sizes, _draft_call)):
-        if args.prefix and model.uses_target_features:
-            slots = torch.arange(args.prefix, device=device)
-            model.forward(prefix_ids, slots, slots, causal_mask(args.prefix, 0, device), logits_rows=slots[:0],
-                          prev_features=torch.zeros(args.prefix, model.hidden_size, dtype=model.dtype, device=device))
-        elif args.prefix:
+        if args.prefix:  # a feature draft gets zero features: their values do not change the cost
             append_tokens(model, prefix_ids, 0, last_logits=False)
         for n in kind_sizes:
             calls[f"{kind}:{n}"] = make(model, tree_inputs(n, args.prefix, vocab, args.tree, generator, device))

@@ -122,6 +122,9 @@ def load_hf_model(spec: str | None, dtype: torch.dtype, device: str | torch.devi
     """A transformers causal LM in eval mode, plain tensors, on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM
 
+    if is_feature_draft(spec):  # transformers would load it as a 1-layer LM with a random embedding
+        raise UserError(f"{spec} is a feature draft (it reads a target's hidden states): use it as a decoding "
+                        "script's --model; transformers cannot run it on its own")
     model = _from_hub_or_folder(AutoModelForCausalLM.from_pretrained, resolve_model_path(spec), dtype=dtype)
     return model.to(device).eval()
 
@@ -169,13 +172,17 @@ def load_draft_vocab(spec: str | None) -> DraftVocab | None:
 
 
 def is_feature_draft(spec: str | None) -> bool:
-    """True for a local draft folder whose config marks a feature draft (engine/feature_draft.py)."""
+    """True for a local draft folder (after `~` expansion) whose config marks a feature draft
+    (engine/feature_draft.py). Hub ids are never feature drafts here: the suite's feature drafts are folders."""
     from engine.feature_draft import FEATURE_DRAFT_KEY
 
-    if spec is None or not Path(spec, "config.json").is_file():
+    if spec is None:
+        return False
+    config = Path(spec).expanduser() / "config.json"
+    if not config.is_file():
         return False
     try:
-        return FEATURE_DRAFT_KEY in json.loads(Path(spec, "config.json").read_text())
+        return FEATURE_DRAFT_KEY in json.loads(config.read_text())
     except ValueError:
         return False
 
