@@ -663,7 +663,6 @@ def train(s: TrainSettings) -> dict[str, float]:
 
         return train_feature_draft(s)
     from accelerate import Accelerator
-    from tqdm import tqdm
 
     validate(s)
     accelerator = Accelerator(mixed_precision=s.mixed_precision if s.mixed_precision != "no" else "no")
@@ -719,9 +718,7 @@ def train(s: TrainSettings) -> dict[str, float]:
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = max(1, math.ceil(len(spans) / (s.batch_size * world)))  # epoch_batches groups batch_size * world
     log_path = out_dir / LOSS_LOG
-    log = LossLog(log_path, s.logging_steps, per_epoch)
-    start_time = time.time()
-    bar = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    progress = TrainProgress(s, step, elapsed_before, per_epoch, log_path, accelerator.is_main_process)
     last_eval: dict[str, float] = {}
     while step < s.max_steps:
         epoch, index = divmod(step, per_epoch)
@@ -729,7 +726,7 @@ def train(s: TrainSettings) -> dict[str, float]:
         global_batch = batches[index]
         mine = global_batch[rank::world] or global_batch[:1]
         batch = _to(make_batch(train_data, [spans[i] for i in mine], vocab_map, owned, pad_id), accelerator.device)
-        lr = s.lr * lr_factor(s, step, elapsed_before + time.time() - start_time)
+        lr = s.lr * lr_factor(s, step, progress.elapsed())
         for group in optimizer.param_groups:
             group["lr"] = lr
         with accelerator.autocast():
@@ -738,11 +735,7 @@ def train(s: TrainSettings) -> dict[str, float]:
         losses = draft_losses(logits, batch, owned, vocab_map, t_logits, s.loss, s.kl_weight)
         optimizer_step(accelerator, losses["loss"], model.parameters(), optimizer)
         step += 1
-        bar.update(1)
-        elapsed = elapsed_before + time.time() - start_time
-        out_of_time = s.max_minutes > 0 and elapsed > s.max_minutes * 60
-        if accelerator.is_main_process:
-            log.add(step, lr, elapsed, losses, bar)
+        out_of_time = progress.after_step(step, lr, losses)
         if step % s.eval_steps == 0 or step == s.max_steps or out_of_time:
             if accelerator.is_main_process:
                 last_eval = evaluate(accelerator.unwrap_model(model), held, s, vocab, teacher, pad_id,
@@ -751,10 +744,10 @@ def train(s: TrainSettings) -> dict[str, float]:
         if step % s.save_steps == 0 or step == s.max_steps or out_of_time:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(accelerator, model, tokenizer, vocab, optimizer, step, elapsed, s)
+                save_checkpoint(accelerator, model, tokenizer, vocab, optimizer, step, progress.elapsed(), s)
         if out_of_time:
             break
-    bar.close()
+    progress.bar.close()
     if s.final_dir and accelerator.is_main_process:
         export_final(accelerator.unwrap_model(model), tokenizer, vocab, s, last_eval)
     return last_eval
@@ -766,6 +759,31 @@ def optimizer_step(accelerator, loss: torch.Tensor, params, optimizer) -> None:
     accelerator.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+class TrainProgress:
+    """Per-step bookkeeping shared by both training loops: progress bar, loss log, time used (including
+    before a resume) and the --max-minutes budget."""
+
+    def __init__(self, s: TrainSettings, step: int, elapsed_before: float, per_epoch: int, log_path: Path,
+                 is_main: bool) -> None:
+        from tqdm import tqdm
+
+        self.max_minutes, self.elapsed_before, self.is_main = s.max_minutes, elapsed_before, is_main
+        self.log = LossLog(log_path, s.logging_steps, per_epoch)
+        self.bar = tqdm(total=s.max_steps, initial=step, disable=not is_main, desc="train")
+        self.start = time.time()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.start
+
+    def after_step(self, step: int, lr: float, losses: dict[str, torch.Tensor]) -> bool:
+        """Record a finished step; True once the time budget is used up."""
+        self.bar.update(1)
+        elapsed = self.elapsed()
+        if self.is_main:
+            self.log.add(step, lr, elapsed, losses, self.bar)
+        return self.max_minutes > 0 and elapsed > self.max_minutes * 60
 
 
 class LossLog:

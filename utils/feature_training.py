@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -263,7 +262,6 @@ def evaluate_feature_draft_only(s) -> dict[str, float]:
 def train_feature_draft(s) -> dict[str, float]:
     """Train (or resume) a feature draft with TrainSettings `s`; returns the last held-out metrics."""
     from accelerate import Accelerator
-    from tqdm import tqdm
 
     from utils import draft_training as dt
 
@@ -337,9 +335,7 @@ def train_feature_draft(s) -> dict[str, float]:
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = max(1, math.ceil(len(spans) / (s.batch_size * world)))
     log_path = out_dir / dt.LOSS_LOG
-    log = dt.LossLog(log_path, s.logging_steps, per_epoch)
-    start_time = time.time()
-    bar = tqdm(total=s.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    progress = dt.TrainProgress(s, step, elapsed_before, per_epoch, log_path, accelerator.is_main_process)
     last_eval: dict[str, float] = {}
 
     def evaluate() -> dict[str, float]:
@@ -355,7 +351,7 @@ def train_feature_draft(s) -> dict[str, float]:
         mine = global_batch[rank::world] or global_batch[:1]
         ids, feats, valid = (t.to(accelerator.device) for t in feature_batch(train_data.tokens, spans, features,
                                                                              starts, mine))
-        lr = s.lr * dt.lr_factor(s, step, elapsed_before + time.time() - start_time)
+        lr = s.lr * dt.lr_factor(s, step, progress.elapsed())
         for group in optimizer.param_groups:
             group["lr"] = lr
         # the step's own random draws (self-feed or not, the noise), so that a resumed run repeats them exactly
@@ -373,11 +369,7 @@ def train_feature_draft(s) -> dict[str, float]:
         losses = feature_losses(unwrapped, predicted, feats, valid, s.cls_weight)
         dt.optimizer_step(accelerator, losses["loss"], params, optimizer)
         step += 1
-        bar.update(1)
-        elapsed = elapsed_before + time.time() - start_time
-        out_of_time = s.max_minutes > 0 and elapsed > s.max_minutes * 60
-        if accelerator.is_main_process:
-            log.add(step, lr, elapsed, losses, bar)
+        out_of_time = progress.after_step(step, lr, losses)
         if (step % s.eval_steps == 0 or step == s.max_steps or out_of_time) and accelerator.is_main_process:
             last_eval = evaluate()
             dt._append_log(log_path, {"step": step, **{k: round(v, 5) for k, v in last_eval.items()}})
@@ -386,14 +378,14 @@ def train_feature_draft(s) -> dict[str, float]:
             if accelerator.is_main_process:
                 folder = out_dir / f"{dt.CHECKPOINT_PREFIX}{step}"
                 save(folder)
-                state = {"step": step, "elapsed_s": elapsed, "optimizer": optimizer.state_dict(),
+                state = {"step": step, "elapsed_s": progress.elapsed(), "optimizer": optimizer.state_dict(),
                          "torch_rng": torch.get_rng_state(),
                          "model_fp32": {k: v.detach().float() for k, v in unwrapped.trainable_state_dict().items()}}
                 torch.save(state, folder / (dt.STATE_FILE + ".tmp"))
                 (folder / (dt.STATE_FILE + ".tmp")).replace(folder / dt.STATE_FILE)
         if out_of_time:
             break
-    bar.close()
+    progress.bar.close()
     if s.final_dir and accelerator.is_main_process:
         final = Path(s.final_dir)
         save(final)
