@@ -217,8 +217,9 @@ class StaticTreeDrafter:
         root_logits = self.cache.catch_up(committed)
         node_features = None
         if self.uses_target_features:  # each run node's predicted feature, read by its children
-            node_features = self.cache.root_predicted_feature.new_zeros(size, self.cache.root_predicted_feature.shape[0])
-            node_features[0] = self.cache.root_predicted_feature
+            root = self.cache.root_predicted_feature
+            node_features = root.new_zeros(size, root.shape[0])
+            node_features[0] = root
         draft_probs: dict[int, torch.Tensor] = {}
         for step in self.steps:
             if step.expanded_ids == [0]:  # catch_up already ran the root

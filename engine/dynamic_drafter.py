@@ -150,8 +150,9 @@ class DynamicTreeDrafter:
         probs_of_run: dict[int, torch.Tensor] = {}
         run_features = None
         if self.uses_target_features:  # each run node's predicted feature, read by its children
-            run_features = self.cache.root_predicted_feature.new_zeros(self.max_runs, self.cache.root_predicted_feature.shape[0])
-            run_features[0] = self.cache.root_predicted_feature
+            root = self.cache.root_predicted_feature
+            run_features = root.new_zeros(self.max_runs, root.shape[0])
+            run_features[0] = root
         frontier, logits, runs = torch.zeros(1, dtype=torch.long, device=device), root_logits[None], 1
         level_start = 0  # index of the newest level's first node
         for depth in range(1, self.max_depth + 1):

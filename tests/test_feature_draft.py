@@ -50,7 +50,8 @@ def test_greedy_output_equals_autoregressive(head_subset, prompt_len):
     target, draft = feature_pair(head_subset)
     prompt = random_prompt(prompt_len, VOCAB, 5)
     reference = autoregressive_generate(target, prompt, 48, set(), GREEDY, torch.Generator()).output_ids
-    drafters = [StaticTreeDrafter(draft, growmap, GREEDY, False) for growmap in (chain(4), kary_tree(2, 3), wxd_tree(3, 4))]
+    shapes = (chain(4), kary_tree(2, 3), wxd_tree(3, 4))
+    drafters = [StaticTreeDrafter(draft, growmap, GREEDY, False) for growmap in shapes]
     drafters.append(DynamicTreeDrafter(draft, GREEDY, False, budget=12, width=3, max_depth=5))
     for drafter in drafters:
         result = speculative_generate(target, drafter, prompt, 48, set(), GREEDY, "greedy", torch.Generator())

@@ -50,7 +50,8 @@ def head_weight(target_hf, head_ids: list[int] | None) -> torch.Tensor:
     return weight if head_ids is None else weight[torch.tensor(head_ids)]
 
 
-def load_feature_net(folder: str | Path, target_hf, dtype: torch.dtype = torch.float32) -> tuple[FeatureDraftNet, list[int] | None]:
+def load_feature_net(folder: str | Path, target_hf,
+                     dtype: torch.dtype = torch.float32) -> tuple[FeatureDraftNet, list[int] | None]:
     """A saved feature draft wired to `target_hf`'s embedding and head (its vocabulary subset, if any)."""
     from safetensors.torch import load_file
     from transformers import LlamaConfig
