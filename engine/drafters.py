@@ -24,51 +24,52 @@ def append_tokens(model: TreeModel, token_ids: torch.Tensor, start: int, last_lo
     """Append a causal chunk of committed tokens (token_ids: [c] long) at slots/positions [start, start + c)
     and return the last token's logits ([own vocab]) if asked; the prefill skips the LM head entirely.
 
-    A feature draft needs `prev_features` [c, d] (zeros where only the cost matters); with `return_hidden`
-    (or for a feature draft, which always returns them) the chunk's final hidden states [c, d] come back too,
-    as (logits or None, hidden).
+    A feature draft reads `prev_features` [c, d] (zeros when not given: only a cost measurement does that);
+    with `return_hidden` the chunk's final hidden states [c, d] come back too, as (logits or None, hidden).
     """
     count = token_ids.shape[0]
     slots = torch.arange(start, start + count, device=model.device)
     mask = causal_mask(count, start, model.device)
     rows = slots[-1:] - start if last_logits else slots[:0]
+    extra = {}
     if model.uses_target_features:
-        if prev_features is None:
-            prev_features = torch.zeros(count, model.hidden_size, dtype=model.dtype, device=model.device)
-        logits, hidden = model.forward(token_ids, slots, slots, mask, logits_rows=rows, prev_features=prev_features)
-        return_hidden = True
-    elif return_hidden:
-        logits, hidden = model.forward(token_ids, slots, slots, mask, logits_rows=rows, return_hidden=True)
-    else:
-        logits = model.forward(token_ids, slots, slots, mask, logits_rows=rows)
+        extra["prev_features"] = prev_features if prev_features is not None else \
+            torch.zeros(count, model.hidden_size, dtype=model.dtype, device=model.device)
+    out = model.forward(token_ids, slots, slots, mask, logits_rows=rows, return_hidden=return_hidden, **extra)
+    logits, hidden = out if return_hidden else (out, None)
     last = logits[0] if last_logits else None
     return (last, hidden) if return_hidden else last
 
 
 def teacher_forced_logits(model: TreeModel, token_ids: torch.Tensor, rows: torch.Tensor,
-                          target: TreeModel | None = None, self_fed: bool = False) -> torch.Tensor:
+                          target_features: torch.Tensor | None = None, self_fed: bool = False,
+                          return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One causal forward over a whole text from slot 0: token_ids [L] long (target ids), rows [r] long.
 
     Returns the next-token logits of `rows` over the model's own vocabulary, [r, own vocab]: every position's
-    distribution from a single forward, which is how draft quality is measured without decoding.
-    A feature draft needs the `target` (its features are the input). With `self_fed` it reads its own
-    predicted feature of the previous position instead of the target's, as the children of every non-root
-    tree node do: a second forward, fed the first one's predictions. (Here every position is self-fed, also
-    the context, where decoding uses the target's real features: a slightly pessimistic stand-in.)
+    distribution from a single forward, which is how draft quality is measured without decoding; with
+    `return_hidden` (a plain model) also the final hidden states of all L positions, [L, d]: for the target,
+    the features a feature draft reads.
+    A feature draft needs those `target_features` [L, d]. With `self_fed` it reads its own predicted feature of
+    the previous position instead of the target's, as the children of every non-root tree node do: a second
+    forward, fed the first one's predictions. (Here every position is self-fed, also the context, where
+    decoding uses the target's real features: a slightly pessimistic stand-in.)
     """
     length = token_ids.shape[0]
     slots = torch.arange(length, device=model.device)
     mask = causal_mask(length, 0, model.device)
     if not model.uses_target_features:
-        return model.forward(token_ids, slots, slots, mask, logits_rows=rows)
-    if target is None:
-        raise ValueError("a feature draft's logits need the target's features: pass target=")
-    _, features = target.forward(token_ids, slots, slots, mask, logits_rows=rows[:0], return_hidden=True)
-    previous = torch.cat([features.new_zeros(1, features.shape[1]), features[:-1]])
-    logits, predicted = model.forward(token_ids, slots, slots, mask, logits_rows=rows, prev_features=previous)
+        return model.forward(token_ids, slots, slots, mask, logits_rows=rows, return_hidden=return_hidden)
+    if target_features is None:
+        raise ValueError("a feature draft's logits need the target's features: pass target_features=")
+
+    def shifted(features: torch.Tensor) -> torch.Tensor:  # position p reads the feature of p - 1
+        return torch.cat([features.new_zeros(1, features.shape[1]), features[:-1]])
+
+    logits, predicted = model.forward(token_ids, slots, slots, mask, logits_rows=rows, return_hidden=True,
+                                      prev_features=shifted(target_features))
     if self_fed:
-        previous = torch.cat([predicted.new_zeros(1, predicted.shape[1]), predicted[:-1]])
-        logits, _ = model.forward(token_ids, slots, slots, mask, logits_rows=rows, prev_features=previous)
+        logits = model.forward(token_ids, slots, slots, mask, logits_rows=rows, prev_features=shifted(predicted))
     return logits
 
 
@@ -106,7 +107,8 @@ class DraftCache:
         length = committed.shape[0]
         if self.uses_features:  # slot p reads the target's feature of slot p - 1: feature_log row p
             logits, hidden = append_tokens(self.draft, committed[self.cached_len:], self.cached_len,
-                                           prev_features=self.feature_log[self.cached_len:length])
+                                           prev_features=self.feature_log[self.cached_len:length],
+                                           return_hidden=True)
             self.root_predicted_feature = hidden[-1]
         else:
             logits = append_tokens(self.draft, committed[self.cached_len:], self.cached_len)
@@ -129,15 +131,16 @@ class DraftCache:
         self.ran_nodes.update(node_ids)
         positions = self.root_slot + depth[nodes]
         if self.uses_features:
-            return self.draft.forward(tree_tokens[nodes], positions, slots, mask, prev_features=prev_features)
+            return self.draft.forward(tree_tokens[nodes], positions, slots, mask, return_hidden=True,
+                                      prev_features=prev_features)
         return self.draft.forward(tree_tokens[nodes], positions, slots, mask), None
 
     def accept(self, path: list[int]) -> None:
         """Keep the accepted nodes the draft ran (a prefix of the path: a node runs only after its parent);
         a feature draft keeps none (they ran on predicted features)."""
         ran = []
-        for node in path:
-            if node not in self.ran_nodes or self.uses_features:
+        for node in [] if self.uses_features else path:
+            if node not in self.ran_nodes:
                 break
             ran.append(node)
         if ran:

@@ -79,8 +79,8 @@ class FeatureDraftNet(nn.Module):
 class FeatureDraftModel(TreeModel):
     """A FeatureDraftNet run by the engine over its own KV cache (one cache layer per draft layer).
 
-    `forward` takes the previous-position features of the n tokens as well (`prev_features` [n, d]) and
-    always returns (logits over the head's vocabulary, predicted features [n, d]).
+    `forward` is TreeModel's, plus the previous-position features of the n tokens (`prev_features` [n, d]);
+    with `return_hidden` the hidden states it returns are its predicted features [n, d].
     """
 
     uses_target_features = True
@@ -99,10 +99,11 @@ class FeatureDraftModel(TreeModel):
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
-                attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None,
-                prev_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None, return_hidden: bool = False,
+                prev_features: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if prev_features is None:
             raise ValueError("a feature draft needs the previous positions' target features (prev_features)")
         hidden = self.run_layers(self.net.fuse(token_ids, prev_features), positions, kv_slots, attn_mask)
         rows = hidden if logits_rows is None else hidden[logits_rows]
-        return self.lm_head(rows).float(), hidden
+        logits = self.lm_head(rows).float()
+        return (logits, hidden) if return_hidden else logits

@@ -93,3 +93,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Training runs (tests/test_pretrain.py, tests/test_feature_draft.py): a tiny saved target and a text file.
+SENTENCES = [
+    "the team won the match and the city was happy .",
+    "scientists said the study of patients in the hospital was good .",
+    "add the flour and the sugar , mix with butter and eggs , then cook in the oven for ten minutes .",
+    "the president of the company said the market price of shares will be up this year .",
+    "please write a short story about a family and their home in the country .",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory) -> Path:
+    """A saved random Llama with the word-level test tokenizer: a --target that needs no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("target")
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.txt"
+    path.write_text("\n".join(SENTENCES * 8) + "\n")
+    return path

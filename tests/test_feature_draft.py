@@ -17,7 +17,7 @@ from engine.growmap import chain, kary_tree, wxd_tree
 from engine.model import TreeModel
 from engine.sampling import Sampling
 from tests.conftest import REPO_ROOT
-from tests.test_pretrain import read_log, text_file, tiny_settings, tiny_target  # noqa: F401 (fixtures)
+from tests.test_pretrain import read_log, tiny_settings
 from tests.tiny_models import random_prompt, tiny_llama
 from utils.draft_training import TrainSettings, checkpoints, train
 from utils.errors import UserError

@@ -14,6 +14,7 @@ from transformers import LlamaForCausalLM
 from engine.acceptance import (acceptance_counts, acceptance_vector, greedy_ranks, none_fraction, rank_counts,
                                specinfer_ranks)
 from engine.decoder import autoregressive_generate
+from engine.drafters import teacher_forced_logits
 from engine.feature_draft import FeatureDraftModel, FeatureDraftNet
 from engine.growmap import load_growmap
 from engine.model import TreeModel
@@ -273,8 +274,9 @@ def test_prompt_counts_of_a_feature_draft_measure_both_regimes(tiny_pair, featur
     tokens = torch.tensor(prompt + continuation[:-1])
     rows = torch.arange(len(prompt) - 1, tokens.shape[0])
     target_logits = growmap_tool.target_vocab_logits(target, tokens, rows)
+    _, features = teacher_forced_logits(target, tokens, rows, return_hidden=True)
     for counts, self_fed in ((measured.deep, True), (measured.root, False)):
-        draft_logits = growmap_tool.target_vocab_logits(draft, tokens, rows, target, self_fed)
+        draft_logits = growmap_tool.target_vocab_logits(draft, tokens, rows, features, self_fed)
         assert torch.equal(counts, acceptance_counts(target_logits, draft_logits, width, greedy, gen()))
     plain = TreeModel(LlamaForCausalLM.from_pretrained(tiny_pair[1]), 64)
     sampled = growmap_tool.prompt_counts(SimpleNamespace(target=target, draft=plain, eos_ids=set()), prompt, steps,

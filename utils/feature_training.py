@@ -186,12 +186,13 @@ def feature_losses(net: FeatureDraftNet, predicted: torch.Tensor, feats: torch.T
 
 @torch.no_grad()
 def feature_metrics(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: torch.Tensor | None,
-                    ids: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor) -> dict[str, int]:
+                    ids: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor,
+                    predicted: torch.Tensor) -> dict[str, int]:
     """Agreement with the target's greedy token (over its full vocabulary): top-1 and top-4 with the target's
-    features as input (depth 1 of a tree), and top-1 with the draft's own predicted features as input (depth 2)."""
+    features as input (depth 1 of a tree: `predicted` = net(ids, shift_features(feats))), and top-1 with the
+    draft's own predicted features as input (depth 2)."""
     greedy = (feats.float() @ full_head.float().T).argmax(-1)
     counts = {"positions": int(valid.sum())}
-    predicted = net(ids, shift_features(feats))
     for name, pred in (("d1", predicted), ("d2", net(ids, shift_features(predicted)))):
         top = (pred.float() @ net.head.weight.float().T).topk(4, -1).indices
         if head_ids is not None:
@@ -222,7 +223,7 @@ def evaluate_features(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: t
             predicted = net(ids, shift_features(feats))
             for k, v in feature_losses(net, predicted, feats, valid, cls_weight).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            for k, v in feature_metrics(net, full_head, head_ids, ids, feats, valid).items():
+            for k, v in feature_metrics(net, full_head, head_ids, ids, feats, valid, predicted).items():
                 sums[k] = sums.get(k, 0.0) + v
             batches += 1
     net.train(was_training)

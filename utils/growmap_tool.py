@@ -395,21 +395,21 @@ def _environment(device: str, dtype: torch.dtype) -> dict:
 
 # ---------------------------------------------------------------- measuring: acceptance vector
 
-def target_vocab_logits(model, tokens: torch.Tensor, rows: torch.Tensor, target=None,
+def target_vocab_logits(model, tokens: torch.Tensor, rows: torch.Tensor, target_features=None,
                         self_fed: bool = False) -> torch.Tensor:
     """One causal forward of a TreeModel over tokens [L] (slots and positions 0..L-1) -> logits [r, V] of
     `rows` over the target vocabulary (-inf on tokens a vocabulary-subset draft cannot propose). A feature
-    draft reads `target`'s features (or, `self_fed`, its own predictions: see teacher_forced_logits)."""
+    draft reads the target's features [L, d] (or, `self_fed`, its own predictions: see teacher_forced_logits)."""
     from engine.drafters import teacher_forced_logits
     from utils.potential import to_target_vocab
 
-    logits = teacher_forced_logits(model, tokens, rows, target, self_fed)                  # [r, own V]
+    logits = teacher_forced_logits(model, tokens, rows, target_features, self_fed)         # [r, own V]
     return to_target_vocab(logits, model.output_ids, model.target_vocab_size, float("-inf"))
 
 
 class PromptCounts(NamedTuple):
     """Acceptance counts [W + 2] of one prompt, per regime."""
-    deep: torch.Tensor          # children of any node; a feature draft fed its own predicted features
+    deep: torch.Tensor          # plain draft: every node's children; feature draft: non-root nodes' children (self-fed)
     root: torch.Tensor | None   # a feature draft's root children, fed the target's real features; else None
 
 
@@ -425,15 +425,17 @@ def prompt_counts(pair, prompt_ids: list[int], steps: int, width: int, sampling,
     """
     from engine.acceptance import acceptance_counts
     from engine.decoder import autoregressive_generate
+    from engine.drafters import teacher_forced_logits
 
     device = pair.target.device
     continuation = autoregressive_generate(pair.target, prompt_ids, steps, pair.eos_ids, sampling, generator).output_ids
     tokens = torch.tensor(prompt_ids + continuation[:-1], dtype=torch.long, device=device)  # [L]
     rows = torch.arange(len(prompt_ids) - 1, tokens.shape[0], device=device)               # [len(continuation)]
-    target_logits = target_vocab_logits(pair.target, tokens, rows)                          # [n, V]
+    # one target forward gives its logits and the features a feature draft reads
+    target_logits, features = teacher_forced_logits(pair.target, tokens, rows, return_hidden=True)  # [n, V], [L, d]
 
     def counts(self_fed: bool) -> torch.Tensor:
-        draft_logits = target_vocab_logits(pair.draft, tokens, rows, pair.target, self_fed)  # [n, V]
+        draft_logits = target_vocab_logits(pair.draft, tokens, rows, features, self_fed)      # [n, V]
         return acceptance_counts(target_logits, draft_logits, width, sampling, generator)
 
     deep = counts(True)  # a plain draft ignores self_fed
@@ -590,11 +592,10 @@ def _draft_call(model, inputs):
     """One draft growth step: the forward over the frontier and the top-k children of each node."""
     tokens, positions, slots, mask = inputs
     k = min(DRAFT_TOPK, model.vocab_size)
+    extra = {}
     if model.uses_target_features:  # the values of the input features do not change the cost
-        features = torch.zeros(tokens.shape[0], model.hidden_size, dtype=model.dtype, device=model.device)
-        return lambda: model.to_target_ids(model.forward(tokens, positions, slots, mask, prev_features=features)[0]
-                                           .topk(k, dim=-1).indices)
-    return lambda: model.to_target_ids(model.forward(tokens, positions, slots, mask).topk(k, dim=-1).indices)
+        extra["prev_features"] = torch.zeros(tokens.shape[0], model.hidden_size, dtype=model.dtype, device=model.device)
+    return lambda: model.to_target_ids(model.forward(tokens, positions, slots, mask, **extra).topk(k, dim=-1).indices)
 
 
 def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:

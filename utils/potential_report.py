@@ -43,18 +43,20 @@ def continuation_rows(text: PromptText) -> tuple[int, int]:
     return start, start + len(text.continuation)
 
 
-def all_position_logits(model: TreeModel, ids: torch.Tensor, target: TreeModel | None = None) -> torch.Tensor:
+def all_position_logits(model: TreeModel, ids: torch.Tensor, target_features: torch.Tensor | None = None,
+                        return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Next-token logits at every position of `ids` ([n] long, target ids): [n, model's own vocab]
-    (a feature draft reads `target`'s features)."""
-    return teacher_forced_logits(model, ids, torch.arange(ids.shape[0], device=model.device), target)
+    (a feature draft reads the target's features [n, d]; `return_hidden` also gives a plain model's)."""
+    return teacher_forced_logits(model, ids, torch.arange(ids.shape[0], device=model.device), target_features,
+                                 return_hidden=return_hidden)
 
 
 def score_prompt(text: PromptText, target: TreeModel, drafts: dict[str, TreeModel], temperature: float,
                  top_p: float) -> dict[str, PositionFigures]:
     """Per-position figures of every draft on one text (one teacher-forced forward per model)."""
     ids = torch.tensor(text.ids, dtype=torch.long, device=target.device)
-    target_logits = all_position_logits(target, ids)
-    return {name: position_figures(target_logits, all_position_logits(draft, ids, target), temperature, top_p,
+    target_logits, features = all_position_logits(target, ids, return_hidden=True)
+    return {name: position_figures(target_logits, all_position_logits(draft, ids, features), temperature, top_p,
                                    draft.output_ids, DEFAULT_EPSILON)
             for name, draft in drafts.items()}
 
