@@ -86,6 +86,8 @@ BAD_INPUTS = {
     "vocab mismatch": (["--model", "{other_vocab}"], "vocabulary"),
     "cuda without gpu": (["--device", "cuda"], "no CUDA GPU"),
     "bad flag value": (["--end", "ten"], "invalid int value"),
+    "lookup with specinfer": (["--T", "0.6", "--verify", "specinfer", "--lookup", "4"], "specinfer verification cannot"),
+    "negative lookup": (["--lookup", "-1"], "--lookup must be >= 0"),
 }
 
 

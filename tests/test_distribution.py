@@ -14,6 +14,7 @@ import torch
 from engine import growmap as G
 from engine.decoder import speculative_generate
 from engine.drafters import StaticTreeDrafter, append_tokens
+from engine.prompt_lookup import PromptLookupDrafter, lookup_continuation
 from engine.sampling import Sampling, probs_from_logits
 from engine.verifiers import SAMPLED_CHILDREN
 from tests.tiny_models import tiny_llama, tree_model
@@ -24,13 +25,13 @@ TV_BOUND = 0.07
 PROMPT = [1, 4, 2, 5, 0]
 
 
-def exact_two_token_distribution(hf_model, sampling: Sampling) -> torch.Tensor:
+def exact_two_token_distribution(hf_model, sampling: Sampling, prompt: list[int] = PROMPT) -> torch.Tensor:
     """[VOCAB, VOCAB] probability of (first, second) emitted token under autoregressive sampling."""
     model = tree_model(hf_model, max_len=64)
-    first = probs_from_logits(append_tokens(model, torch.tensor(PROMPT), 0), sampling)
+    first = probs_from_logits(append_tokens(model, torch.tensor(prompt), 0), sampling)
     table = torch.zeros(VOCAB, VOCAB)
     for token in range(VOCAB):
-        logits = append_tokens(model, torch.tensor(PROMPT + [token]), 0)
+        logits = append_tokens(model, torch.tensor(prompt + [token]), 0)
         table[token] = first[token] * probs_from_logits(logits, sampling)
     return table
 
@@ -46,20 +47,28 @@ def pair():
     return target, draft
 
 
-@pytest.mark.parametrize("verifier,top_p", [("match", 1.0), ("specinfer", 1.0), ("specinfer", 0.8), ("match", 0.8)])
-def test_verifier_reproduces_target_distribution(pair, verifier, top_p):
+@pytest.mark.parametrize("verifier,top_p,lookup", [("match", 1.0, False), ("specinfer", 1.0, False),
+                                                   ("specinfer", 0.8, False), ("match", 0.8, False),
+                                                   ("match", 1.0, True)])
+def test_verifier_reproduces_target_distribution(pair, verifier, top_p, lookup):
+    """With `lookup` the prompt's last bigram recurs, so every first step also carries a copied chain
+    (engine/prompt_lookup.py) that sample-match must accept only as often as the target draws it."""
     target_hf, draft_hf = pair
     sampling = Sampling(1.0, top_p)
-    expected = exact_two_token_distribution(target_hf, sampling)
-    draft_dist = exact_two_token_distribution(draft_hf, sampling)
+    prompt = PROMPT + PROMPT[:2] if lookup else PROMPT
+    expected = exact_two_token_distribution(target_hf, sampling, prompt)
+    draft_dist = exact_two_token_distribution(draft_hf, sampling, prompt)
     assert total_variation(expected, draft_dist) > 3 * TV_BOUND  # the test can tell the two apart
 
     target, draft = tree_model(target_hf, 64), tree_model(draft_hf, 64)
     drafter = StaticTreeDrafter(draft, G.kary_tree(2, 2), sampling, SAMPLED_CHILDREN[verifier])
+    if lookup:
+        assert lookup_continuation(torch.tensor(prompt), 3, 3) == PROMPT[2:5]
+        drafter = PromptLookupDrafter(drafter, 3)
     counts = torch.zeros(VOCAB, VOCAB)
     generator = torch.Generator().manual_seed(1234)
     for _ in range(DRAWS):
-        out = speculative_generate(target, drafter, PROMPT, 2, set(), sampling, verifier, generator).output_ids
+        out = speculative_generate(target, drafter, prompt, 2, set(), sampling, verifier, generator).output_ids
         counts[out[0], out[1]] += 1
     assert total_variation(counts / DRAWS, expected) < TV_BOUND
 

@@ -22,7 +22,7 @@ import torch
 from engine.growmap import Growmap
 from engine.verifiers import VERIFIERS
 from utils.bench_methods import METHODS, PROMPT_LOOKUP_TOKENS, BenchSetup, DynamicShape, Run
-from utils.cli import OneLineParser, add_data_flags, add_model_flags, run_cli, validate_common
+from utils.cli import OneLineParser, add_data_flags, add_lookup_flags, add_model_flags, run_cli, validate_common
 from utils.config import DEFAULTS
 from utils.data import Prompt
 from utils.errors import UserError
@@ -240,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "per method")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=PROMPT_LOOKUP_TOKENS,
                         help="prompt_lookup_num_tokens for transformers' prompt lookup decoding")
+    add_lookup_flags(parser)  # the suite's own prompt lookup on its static and dynamic trees
     return parser.parse_args(argv)
 
 
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     growmap = load_growmap(args.growmap)
     dynamic = dynamic_shape(args, growmap)
     dtype = resolve_dtype(args.dtype, args.device)
-    max_len = args.prompt_len + args.max_new_tokens + max(growmap.size, dynamic.slots_bound()) + 1
+    max_len = args.prompt_len + args.max_new_tokens + max(growmap.size, dynamic.slots_bound()) + args.lookup + 1
     pair = load_pair(args.target, args.model, any(m in DRAFT_METHODS for m in methods), dtype, args.device, max_len)
     prompts = load_prompts(args.dataset, pair.tokenizer, args.start, args.end, args.prompt_len)
 
@@ -302,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     setup = prepare_methods(methods, pair, growmap, sampling, verifier, prompts[0], hf_dtype=args.hf_dtype,
                             seed=args.seed, lookup_tokens=args.prompt_lookup_tokens,
                             max_new_tokens=args.max_new_tokens, sample_children=SAMPLED_CHILDREN[verifier],
-                            dynamic=dynamic, assistant_draft=assistant_draft)
+                            dynamic=dynamic, assistant_draft=assistant_draft, suite_lookup=args.lookup,
+                            suite_lookup_ngram=args.lookup_ngram)
     for note in setup.notes:
         emit(f"note: {note}")
     bar = tqdm(total=len(prompts), desc="bench", unit="prompt", dynamic_ncols=True)

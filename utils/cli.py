@@ -16,12 +16,19 @@ from utils.errors import UserError
 EXIT_BAD_INPUT = 2
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: those flags say in their help what they fall back to."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line on stderr (no usage block) and exits with status 2, and
     shows every flag's default in --help."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -73,6 +80,16 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
 
 
+def add_lookup_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lookup", type=int, default=None,
+                        help="prompt lookup: graft up to this many tokens copied from the context (after the latest "
+                             "earlier occurrence of its last n-gram) onto each tree as one more branch; 0 = off. "
+                             "Exact at T = 0, lossless with --verify match; specinfer cannot take it "
+                             f"(default: {DEFAULTS.lookup}, and 0 with --verify specinfer at T > 0)")
+    parser.add_argument("--lookup-ngram", type=int, default=DEFAULTS.lookup_ngram,
+                        help="prompt lookup: longest n-gram matched (tried from this n down to 1)")
+
+
 def decoding_parser(doc: str, script: str, results_note: str = "") -> OneLineParser:
     """The parser every decoding script starts from: model, data and decoding flags, its docstring's first
     paragraph as description and where its results go as epilog."""
@@ -82,6 +99,7 @@ def decoding_parser(doc: str, script: str, results_note: str = "") -> OneLinePar
     add_model_flags(parser)
     add_data_flags(parser)
     add_decoding_flags(parser)
+    add_lookup_flags(parser)
     return parser
 
 
@@ -99,6 +117,15 @@ def validate_common(args: argparse.Namespace) -> None:
         raise UserError(f"--prompt-len must be >= 1, got {args.prompt_len}")
     if getattr(args, "max_new_tokens", 1) < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if hasattr(args, "lookup"):
+        specinfer = args.T > 0 and args.verify == "specinfer"
+        if args.lookup is None:
+            args.lookup = 0 if specinfer else DEFAULTS.lookup
+        if args.lookup < 0 or args.lookup_ngram < 1:
+            raise UserError(f"--lookup must be >= 0 and --lookup-ngram >= 1, got {args.lookup} and {args.lookup_ngram}")
+        if args.lookup and specinfer:
+            raise UserError("--lookup copies tokens the draft did not sample, which specinfer verification cannot "
+                            "take: use --verify match, or --lookup 0")
     args.device = resolve_device(args.device)
 
 

@@ -53,6 +53,8 @@ class RunDefaults:
     W: int = 8                          # dynamic tree: children per expanded node and nodes expanded per level
     D: int = default_depth()            # dynamic tree: depth limit, the default growmap's depth
     score: str = "logprob"              # dynamic tree: logprob (EAGLE-2) or original (depth-weighted logits)
+    lookup: int = 10                    # prompt lookup: copied tokens grafted onto each tree (0 = off)
+    lookup_ngram: int = 3               # prompt lookup: longest n-gram matched
 
 
 DEFAULTS = RunDefaults()

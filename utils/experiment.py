@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from engine.decoder import DecodeResult, Drafter, StepTimer, autoregressive_generate, check_capacity, speculative_generate
 from engine.model import TreeModel
+from engine.prompt_lookup import PromptLookupDrafter
 from engine.sampling import Sampling
 from utils.data import Prompt
 from utils.errors import UserError
@@ -178,6 +179,8 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     from utils.report import emit, format_summary, hardware, library_versions, write_results
 
     dtype = resolve_dtype(args.dtype, args.device)
+    lookup = getattr(args, "lookup", 0)
+    tree_size += lookup
     needed = args.prompt_len + args.max_new_tokens + tree_size
     if needed > args.M:
         raise UserError(f"--M {args.M} is too small: prompt ({args.prompt_len}) + new tokens ({args.max_new_tokens}) "
@@ -188,6 +191,8 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     prompts = load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len)  # fail fast on bad data
     pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, args.device, args.M, tokenizer)
     drafter = None if args.Mode == "baseline" else make_drafter(pair, sampling, SAMPLED_CHILDREN[verifier])
+    if drafter is not None and lookup:
+        drafter = PromptLookupDrafter(drafter, lookup, args.lookup_ngram)
     settings = RunSettings(args.Mode, sampling, verifier, args.max_new_tokens, args.seed,
                            record_shapes=getattr(args, "record_shapes", False))
     records = run_prompts(pair, drafter, prompts, settings, tree_size)

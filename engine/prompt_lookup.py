@@ -1,0 +1,116 @@
+"""Prompt lookup: candidates copied from the text itself, grafted onto a draft's tree as one more branch.
+
+Greedy continuations repeat themselves (and quote their prompt) often, which a small draft predicts only a
+few tokens at a time. The tokens that followed the latest earlier occurrence of the context's last n-gram
+(prompt lookup decoding, Saxena 2023; transformers' `prompt_lookup_num_tokens`) cost nothing to propose, and
+the target verifies them in the same forward as the draft's tree. Verification is unchanged, so the output
+stays exact at T = 0 and lossless under sample-match at T > 0: the candidate set never depends on the
+target's draws. SpecInfer-style verification needs every child drawn from the draft distribution, which a
+copied token is not, so lookup refuses it.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.tree import CandidateTree
+
+
+def lookup_continuation(context: torch.Tensor, max_ngram: int, max_tokens: int) -> list[int]:
+    """Up to `max_tokens` tokens predicted to follow `context` ([L] long, on the CPU) by copying.
+
+    For n from `max_ngram` down to 1, find the latest earlier occurrence of the context's last n tokens that
+    has at least one token after it, and return the tokens that followed it. A match that runs into the
+    end of the context continues with the period it found (a loop `a b c a b c` goes on `a b c ...`).
+    Returns [] when no n-gram recurs.
+    """
+    length = context.shape[0]
+    if max_tokens <= 0 or length < 2:
+        return []
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        windows = context[:length - 1].unfold(0, n, 1)          # window i = context[i:i + n], i <= length - 1 - n
+        starts = (windows == context[length - n:]).all(dim=1).nonzero()
+        if starts.numel():
+            start = int(starts[-1])
+            period = length - n - start
+            follow = start + n + torch.arange(max_tokens)
+            wrapped = length - period + (follow - length) % period  # past the end: repeat with the period
+            return context[torch.where(follow < length, follow, wrapped)].tolist()
+    return []
+
+
+def graft_chain(tree: CandidateTree, chain: list[int]) -> tuple[CandidateTree, int]:
+    """Add `chain` (tokens after the root) as a path from the root, reusing the nodes already on it.
+
+    Walks down from the root while a child carries the chain's next token, then hangs the rest below as new
+    nodes (indices after the tree's). Siblings keep distinct tokens, as the verifiers need. Returns the new
+    tree and how many nodes were added; the draft's distributions (`draft_probs`) stay with their nodes.
+    """
+    kids = [list(c) for c in tree.children()]
+    tokens = tree.tokens.tolist()
+    node, used = 0, 0
+    while used < len(chain):
+        child = next((c for c in kids[node] if tokens[c] == chain[used]), None)
+        if child is None:
+            break
+        node, used = child, used + 1
+    extra = chain[used:]
+    if not extra:
+        return tree, 0
+    device = tree.tokens.device
+    size, count = tree.size, len(extra)
+    new_ids = list(range(size, size + count))
+    new_parents = [node] + new_ids[:-1]
+    for parent, child in zip(new_parents, new_ids):
+        kids[parent].append(child)
+        kids.append([])
+    parents = torch.cat([tree.parents, torch.tensor(new_parents, device=device)])
+    depth = torch.cat([tree.depth, tree.depth[node] + torch.arange(1, count + 1, device=device)])
+    ancestors = torch.zeros(size + count, size + count, dtype=torch.bool, device=device)
+    ancestors[:size, :size] = tree.ancestors
+    ancestors[size:, :size] = tree.ancestors[node]                 # the branch point's ancestors and itself
+    ancestors[size:, size:] = torch.ones(count, count, dtype=torch.bool, device=device).tril()
+    grafted = CandidateTree(torch.cat([tree.tokens, torch.tensor(extra, device=device)]), parents, depth, ancestors,
+                            dict(tree.draft_probs), child_lists=kids)
+    return grafted, count
+
+
+class PromptLookupDrafter:
+    """Wraps a drafter (or none: plain prompt lookup) and grafts a copied chain of up to `max_tokens`
+    tokens onto each of its trees. The tree grows by at most `max_tokens` nodes; accepted copied tokens are
+    new to the wrapped draft, which catches up on them like on any committed token."""
+
+    def __init__(self, inner, max_tokens: int, max_ngram: int = 3) -> None:
+        if max_tokens < 1 or max_ngram < 1:
+            raise ValueError("prompt lookup needs max_tokens >= 1 and max_ngram >= 1")
+        self.inner, self.max_tokens, self.max_ngram = inner, max_tokens, max_ngram
+        self.uses_target_features = inner is not None and inner.uses_target_features
+
+    def reset(self) -> None:
+        if self.inner is not None:
+            self.inner.reset()
+
+    def record_target_features(self, start_slot: int, features: torch.Tensor) -> None:
+        if self.inner is not None:
+            self.inner.record_target_features(start_slot, features)
+
+    def propose(self, committed: torch.Tensor, generator: torch.Generator) -> CandidateTree:
+        if self.inner is not None:
+            tree = self.inner.propose(committed, generator)
+        else:
+            device = committed.device
+            tree = CandidateTree(committed[-1:], torch.tensor([-1], device=device),
+                                 torch.zeros(1, dtype=torch.long, device=device),
+                                 torch.ones(1, 1, dtype=torch.bool, device=device), child_lists=[[]])
+        chain = lookup_continuation(committed.cpu(), self.max_ngram, self.max_tokens)
+        self.inner_size = tree.size
+        return graft_chain(tree, chain)[0] if chain else tree
+
+    def accept(self, path: list[int]) -> None:
+        """The wrapped drafter keeps the part of the path inside its own tree (grafted nodes come after it)."""
+        if self.inner is not None:
+            inner_path = []
+            for node in path:
+                if node >= self.inner_size:
+                    break
+                inner_path.append(node)
+            self.inner.accept(inner_path)
