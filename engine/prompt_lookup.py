@@ -84,6 +84,7 @@ class PromptLookupDrafter:
             raise ValueError("prompt lookup needs max_tokens >= 1 and max_ngram >= 1")
         self.inner, self.max_tokens, self.max_ngram = inner, max_tokens, max_ngram
         self.uses_target_features = inner is not None and inner.uses_target_features
+        self.inner_size = 1  # size of the wrapped drafter's tree this step (grafted nodes come after it)
 
     def reset(self) -> None:
         if self.inner is not None:
@@ -106,11 +107,7 @@ class PromptLookupDrafter:
         return graft_chain(tree, chain)[0] if chain else tree
 
     def accept(self, path: list[int]) -> None:
-        """The wrapped drafter keeps the part of the path inside its own tree (grafted nodes come after it)."""
+        """The wrapped drafter keeps the part of the path inside its own tree: grafted nodes come after it
+        in index and below it in the tree, so they can only end a path."""
         if self.inner is not None:
-            inner_path = []
-            for node in path:
-                if node >= self.inner_size:
-                    break
-                inner_path.append(node)
-            self.inner.accept(inner_path)
+            self.inner.accept([node for node in path if node < self.inner_size])
