@@ -95,7 +95,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from utils.draft_training import settings_fields
 
-    parser = OneLineParser(prog="pretrain_draft_model.py", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="pretrain_draft_model.py", description=__doc__.splitlines()[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, default, annotation in settings_fields():
         flag = "--" + name.replace("_", "-")
         kind = _base_type(annotation)

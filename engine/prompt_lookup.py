@@ -6,13 +6,13 @@ few tokens at a time. The tokens that followed the latest earlier occurrence of 
 the target verifies them in the same forward as the draft's tree. Verification is unchanged, so the output
 stays exact at T = 0 and lossless under sample-match at T > 0: the candidate set never depends on the
 target's draws. SpecInfer-style verification needs every child drawn from the draft distribution, which a
-copied token is not, so lookup refuses it.
+copied token is not, so `PromptLookupDrafter` refuses a drafter that samples its children.
 """
 from __future__ import annotations
 
 import torch
 
-from engine.tree import CandidateTree
+from engine.tree import CandidateTree, children_of
 
 
 def lookup_continuation(context: torch.Tensor, max_ngram: int, max_tokens: int) -> list[int]:
@@ -45,8 +45,11 @@ def graft_chain(tree: CandidateTree, chain: list[int]) -> tuple[CandidateTree, i
     nodes (indices after the tree's). Siblings keep distinct tokens, as the verifiers need. Returns the new
     tree and how many nodes were added; the draft's distributions (`draft_probs`) stay with their nodes.
     """
-    kids = [list(c) for c in tree.children()]
-    tokens = tree.tokens.tolist()
+    if tree.child_lists is None:  # one readback for both
+        tokens, parents = torch.stack([tree.tokens, tree.parents]).tolist()
+        kids = children_of(parents)
+    else:
+        tokens, kids = tree.tokens.tolist(), [list(c) for c in tree.child_lists]
     node, used = 0, 0
     while used < len(chain):
         child = next((c for c in kids[node] if tokens[c] == chain[used]), None)
@@ -59,17 +62,18 @@ def graft_chain(tree: CandidateTree, chain: list[int]) -> tuple[CandidateTree, i
     device = tree.tokens.device
     size, count = tree.size, len(extra)
     new_ids = list(range(size, size + count))
-    new_parents = [node] + new_ids[:-1]
-    for parent, child in zip(new_parents, new_ids):
+    parent_ids = [node] + new_ids[:-1]
+    for parent, child in zip(parent_ids, new_ids):
         kids[parent].append(child)
         kids.append([])
-    parents = torch.cat([tree.parents, torch.tensor(new_parents, device=device)])
+    new_tokens, new_parents = torch.tensor([extra, parent_ids]).to(device)  # one host-to-device copy
+    parents = torch.cat([tree.parents, new_parents])
     depth = torch.cat([tree.depth, tree.depth[node] + torch.arange(1, count + 1, device=device)])
     ancestors = torch.zeros(size + count, size + count, dtype=torch.bool, device=device)
     ancestors[:size, :size] = tree.ancestors
     ancestors[size:, :size] = tree.ancestors[node]                 # the branch point's ancestors and itself
     ancestors[size:, size:] = torch.ones(count, count, dtype=torch.bool, device=device).tril()
-    grafted = CandidateTree(torch.cat([tree.tokens, torch.tensor(extra, device=device)]), parents, depth, ancestors,
+    grafted = CandidateTree(torch.cat([tree.tokens, new_tokens]), parents, depth, ancestors,
                             dict(tree.draft_probs), child_lists=kids)
     return grafted, count
 
@@ -82,6 +86,9 @@ class PromptLookupDrafter:
     def __init__(self, inner, max_tokens: int, max_ngram: int = 3) -> None:
         if max_tokens < 1 or max_ngram < 1:
             raise ValueError("prompt lookup needs max_tokens >= 1 and max_ngram >= 1")
+        if getattr(inner, "sample_children", False):
+            raise ValueError("prompt lookup cannot join a tree whose children are sampled from the draft (specinfer "
+                             "verification): copied tokens have no draft probability")
         self.inner, self.max_tokens, self.max_ngram = inner, max_tokens, max_ngram
         self.uses_target_features = inner is not None and inner.uses_target_features
         self.inner_size = 1  # size of the wrapped drafter's tree this step (grafted nodes come after it)
@@ -95,6 +102,8 @@ class PromptLookupDrafter:
             self.inner.record_target_features(start_slot, features)
 
     def propose(self, committed: torch.Tensor, generator: torch.Generator) -> CandidateTree:
+        # read the context back before the draft's kernels are queued, so the copy waits for nothing
+        chain = lookup_continuation(committed.cpu(), self.max_ngram, self.max_tokens)
         if self.inner is not None:
             tree = self.inner.propose(committed, generator)
         else:
@@ -102,7 +111,6 @@ class PromptLookupDrafter:
             tree = CandidateTree(committed[-1:], torch.tensor([-1], device=device),
                                  torch.zeros(1, dtype=torch.long, device=device),
                                  torch.ones(1, 1, dtype=torch.bool, device=device), child_lists=[[]])
-        chain = lookup_continuation(committed.cpu(), self.max_ngram, self.max_tokens)
         self.inner_size = tree.size
         return graft_chain(tree, chain)[0] if chain else tree
 

@@ -27,11 +27,16 @@ class CandidateTree:
         """Child indices of each node, in drafting order (child rank)."""
         if self.child_lists is not None:
             return self.child_lists
-        kids: list[list[int]] = [[] for _ in range(self.size)]
-        for node, parent in enumerate(self.parents.tolist()):
-            if parent >= 0:
-                kids[parent].append(node)
-        return kids
+        return children_of(self.parents.tolist())
 
     def nodes_per_depth(self) -> list[int]:
         return torch.bincount(self.depth).tolist()
+
+
+def children_of(parents: list[int]) -> list[list[int]]:
+    """Child indices of each node, in node order, from the parent list (-1 for the root)."""
+    kids: list[list[int]] = [[] for _ in parents]
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            kids[parent].append(node)
+    return kids

@@ -119,3 +119,46 @@ def test_feature_draft_with_lookup_equals_autoregressive():
     ar = autoregressive_generate(target, prompt, 30, set(), GREEDY, torch.Generator())
     spec = speculative_generate(target, drafter, prompt, 30, set(), GREEDY, "greedy", torch.Generator())
     assert spec.output_ids == ar.output_ids
+
+
+class RecordingDrafter:
+    """A stand-in drafter: proposes a fixed 3-node tree (root, children 1 and 2) and records what it is told."""
+
+    uses_target_features = False
+    sample_children = False
+
+    def __init__(self) -> None:
+        self.accepted: list[list[int]] = []
+
+    def reset(self) -> None: ...
+
+    def record_target_features(self, start_slot: int, features: torch.Tensor) -> None: ...
+
+    def propose(self, committed: torch.Tensor, generator: torch.Generator) -> CandidateTree:
+        parents = torch.tensor([-1, 0, 0])
+        return CandidateTree(torch.tensor([int(committed[-1]), 5, 6]), parents, torch.tensor([0, 1, 1]),
+                             ancestor_mask_from_parents(parents))
+
+    def accept(self, path: list[int]) -> None:
+        self.accepted.append(path)
+
+
+def test_accept_hands_the_wrapped_drafter_only_its_own_nodes():
+    inner = RecordingDrafter()
+    drafter = PromptLookupDrafter(inner, max_tokens=3)
+    tree = drafter.propose(torch.tensor([5, 7, 8, 5]), torch.Generator())  # copies 7 8 5 under the root
+    assert tree.size == 6 and tree.tokens.tolist() == [5, 5, 6, 7, 8, 5]
+    drafter.accept([3, 4])
+    drafter.accept([1])
+    assert inner.accepted == [[], [1]]
+    tree = drafter.propose(torch.tensor([1, 5, 9, 1]), torch.Generator())  # copy 5 9 1 shares node 1
+    assert tree.tokens.tolist() == [1, 5, 6, 9, 1] and tree.parents.tolist() == [-1, 0, 0, 1, 3]
+    drafter.accept([1, 3, 4])
+    assert inner.accepted[-1] == [1]
+
+
+def test_lookup_refuses_sampled_children():
+    inner = RecordingDrafter()
+    inner.sample_children = True
+    with pytest.raises(ValueError, match="sampled"):
+        PromptLookupDrafter(inner, max_tokens=3)

@@ -325,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         "sampling": {"temperature": args.T, "top_p": args.P}, "verifier": verifier, "lossless": LOSSLESS[verifier],
         "growmap": {"path": args.growmap, "size": growmap.size, "depth": growmap.max_depth},
         "dynamic_tree_shape": asdict(dynamic),
+        "suite_prompt_lookup": {"max_tokens": args.lookup, "max_ngram": args.lookup_ngram,
+                                "note": "grafted onto static_tree and dynamic_tree"},
         "warmup_prompt": prompts[0].index, "assistant": setup.assistant, "notes": setup.notes,
         "tie_tolerance": TIE_TOLERANCE, "divergences": [asdict(d) for d in divergences], "methods": figures,
     }

@@ -118,7 +118,7 @@ def validate_common(args: argparse.Namespace) -> None:
     if getattr(args, "max_new_tokens", 1) < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if hasattr(args, "lookup"):
-        specinfer = args.T > 0 and args.verify == "specinfer"
+        specinfer = args.T > 0 and args.verify == "specinfer" and getattr(args, "Mode", None) != "baseline"
         if args.lookup is None:
             args.lookup = 0 if specinfer else DEFAULTS.lookup
         if args.lookup < 0 or args.lookup_ngram < 1:

@@ -179,7 +179,7 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     from utils.report import emit, format_summary, hardware, library_versions, write_results
 
     dtype = resolve_dtype(args.dtype, args.device)
-    lookup = getattr(args, "lookup", 0)
+    lookup = getattr(args, "lookup", 0) if args.Mode != "baseline" else 0
     tree_size += lookup
     needed = args.prompt_len + args.max_new_tokens + tree_size
     if needed > args.M:
@@ -202,7 +202,8 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
                "dtype": str(dtype).removeprefix("torch."), "device": args.device, "versions": library_versions(),
                "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],
                "verifier": verifier if args.Mode != "baseline" else "none (autoregressive)",
-               "lossless": LOSSLESS[verifier], **meta, **figures}
+               "lossless": LOSSLESS[verifier], **meta,
+               "prompt_lookup": {"max_tokens": lookup, "max_ngram": getattr(args, "lookup_ngram", None)}, **figures}
     title = "autoregressive baseline" if args.Mode == "baseline" else f"speculative decoding ({verifier} verification)"
     emit(format_summary(title, figures))
     if args.Mode == "benchmark":
