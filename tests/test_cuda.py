@@ -14,6 +14,7 @@ from engine.decoder import autoregressive_generate, speculative_generate
 from engine.drafters import StaticTreeDrafter, teacher_forced_logits
 from engine.dynamic_drafter import DynamicTreeDrafter
 from engine.model import TreeModel
+from engine.prompt_lookup import PromptLookupDrafter
 from engine.sampling import Sampling
 from tests.tiny_models import random_prompt, tiny_llama
 from utils.models import REPO_ROOT
@@ -44,13 +45,15 @@ def first_divergence_is_tie(model: TreeModel, prompt: list[int], a: list[int], b
     return gap < TIE
 
 
-@pytest.mark.parametrize("make", ["static", "dynamic"])
+@pytest.mark.parametrize("make", ["static", "dynamic", "static+lookup"])
 def test_float16_speculative_matches_autoregressive(make):
     target_hf = smollm2_shaped(0, layers=6).half().cuda()
     draft_hf = smollm2_shaped(1, layers=2).half().cuda()
     target, draft = TreeModel(target_hf, 512), TreeModel(draft_hf, 512)
-    drafter = (StaticTreeDrafter(draft, G.kary_tree(3, 3), GREEDY, False) if make == "static"
-               else DynamicTreeDrafter(draft, GREEDY, False, budget=32, width=4, max_depth=5))
+    drafter = (DynamicTreeDrafter(draft, GREEDY, False, budget=32, width=4, max_depth=5) if make == "dynamic"
+               else StaticTreeDrafter(draft, G.kary_tree(3, 3), GREEDY, False))
+    if make.endswith("lookup"):
+        drafter = PromptLookupDrafter(drafter, 10)
     for seed in range(3):
         prompt = random_prompt(40, 49152, seed)
         ar = autoregressive_generate(target, prompt, 48, set(), GREEDY, torch.Generator("cuda"))
