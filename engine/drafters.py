@@ -78,20 +78,24 @@ class DraftCache:
 
     For a feature draft (engine/feature_draft.py) it also keeps the target's feature of every committed slot
     (`record_target_features`, fed by the decoder after each target forward): slot p runs with the feature of
-    slot p - 1. Tree nodes run on their parent's predicted feature, so `accept` keeps none of them: the next
-    `catch_up` runs the accepted tokens again with the target's real features, in one forward.
+    slot p - 1. Tree nodes run on their parent's predicted feature (kept per node for the step), so `accept`
+    keeps none of them: the next `catch_up` runs the accepted tokens again with the target's real features,
+    in one forward.
     """
 
-    def __init__(self, draft: TreeModel) -> None:
+    def __init__(self, draft: TreeModel, max_nodes: int) -> None:
+        """max_nodes: the most tree nodes the draft runs in one step (root included)."""
         self.draft = draft
         self.uses_features = draft.uses_target_features
         self.cached_len = 0
         self.root_slot = 0
         self.ran_nodes: set[int] = set()
-        self.root_predicted_feature: torch.Tensor | None = None  # feature draft: its prediction of the root's
-        # row p + 1 holds the target's feature of slot p; row 0 stays zero (slot 0 has no previous position)
-        self.feature_log = torch.zeros(draft.max_len + 1, draft.hidden_size, dtype=draft.dtype,
-                                       device=draft.device) if self.uses_features else None
+        if self.uses_features:
+            # row p + 1 holds the target's feature of slot p; row 0 stays zero (slot 0 has no previous position)
+            self.feature_log = torch.zeros(draft.max_len + 1, draft.hidden_size, dtype=draft.dtype,
+                                           device=draft.device)
+            # this step's predicted feature of each node the draft ran (node 0: the root), read by its children
+            self.node_features = torch.zeros(max_nodes, draft.hidden_size, dtype=draft.dtype, device=draft.device)
 
     def reset(self) -> None:
         self.cached_len = 0
@@ -109,7 +113,7 @@ class DraftCache:
             logits, hidden = append_tokens(self.draft, committed[self.cached_len:], self.cached_len,
                                            prev_features=self.feature_log[self.cached_len:length],
                                            return_hidden=True)
-            self.root_predicted_feature = hidden[-1]
+            self.node_features[0] = hidden[-1]
         else:
             logits = append_tokens(self.draft, committed[self.cached_len:], self.cached_len)
         self.cached_len = length
@@ -118,28 +122,28 @@ class DraftCache:
         return logits
 
     def run_nodes(self, nodes: torch.Tensor, node_ids: list[int], tree_tokens: torch.Tensor, depth: torch.Tensor,
-                  ancestors: torch.Tensor, tree_size: int,
-                  prev_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run tree nodes [r] long (their ancestors already ran); returns their logits [r, draft vocab] and, for
-        a feature draft, their predicted features [r, d] (prev_features [r, d]: their parents' predictions).
+                  parents: torch.Tensor, ancestors: torch.Tensor, tree_size: int) -> torch.Tensor:
+        """Run tree nodes [r] long (their ancestors already ran) and return their logits [r, draft vocab].
 
         node_ids: the same nodes as Python ints, for the bookkeeping (reading `nodes` back would sync CUDA).
-        tree_tokens, depth: [>= tree_size] long; ancestors: [>= tree_size, >= tree_size] bool.
+        tree_tokens, depth, parents: [>= tree_size] long; ancestors: [>= tree_size, >= tree_size] bool.
         """
         slots = self.root_slot + nodes
         mask = tree_attention_mask(ancestors[:tree_size, :tree_size], nodes, self.root_slot)
         self.ran_nodes.update(node_ids)
         positions = self.root_slot + depth[nodes]
-        if self.uses_features:
-            return self.draft.forward(tree_tokens[nodes], positions, slots, mask, return_hidden=True,
-                                      prev_features=prev_features)
-        return self.draft.forward(tree_tokens[nodes], positions, slots, mask), None
+        if not self.uses_features:
+            return self.draft.forward(tree_tokens[nodes], positions, slots, mask)
+        logits, predicted = self.draft.forward(tree_tokens[nodes], positions, slots, mask, return_hidden=True,
+                                               prev_features=self.node_features[parents[nodes]])
+        self.node_features[nodes] = predicted
+        return logits
 
     def accept(self, path: list[int]) -> None:
         """Keep the accepted nodes the draft ran (a prefix of the path: a node runs only after its parent);
         a feature draft keeps none (they ran on predicted features)."""
         ran = []
-        for node in [] if self.uses_features else path:
+        for node in () if self.uses_features else path:
             if node not in self.ran_nodes:
                 break
             ran.append(node)
@@ -198,7 +202,7 @@ class StaticTreeDrafter:
     def __init__(self, draft: TreeModel, growmap: Growmap, sampling: Sampling, sample_children: bool) -> None:
         device = draft.device
         self.draft, self.growmap, self.sampling, self.sample_children = draft, growmap, sampling, sample_children
-        self.cache = DraftCache(draft)
+        self.cache = DraftCache(draft, growmap.size)
         self.uses_target_features = draft.uses_target_features
         self.parents = growmap.parents.to(device)
         self.depth = growmap.depth.to(device)
@@ -218,21 +222,13 @@ class StaticTreeDrafter:
         tokens = torch.zeros(size, dtype=torch.long, device=self.draft.device)
         tokens[0] = committed[-1]
         root_logits = self.cache.catch_up(committed)
-        node_features = None
-        if self.uses_target_features:  # each run node's predicted feature, read by its children
-            root = self.cache.root_predicted_feature
-            node_features = root.new_zeros(size, root.shape[0])
-            node_features[0] = root
         draft_probs: dict[int, torch.Tensor] = {}
         for step in self.steps:
             if step.expanded_ids == [0]:  # catch_up already ran the root
                 logits = root_logits[None]
             else:
-                prev = None if node_features is None else node_features[self.parents[step.expanded]]
-                logits, predicted = self.cache.run_nodes(step.expanded, step.expanded_ids, tokens, self.depth,
-                                                         self.ancestors, size, prev)
-                if predicted is not None:
-                    node_features[step.expanded] = predicted
+                logits = self.cache.run_nodes(step.expanded, step.expanded_ids, tokens, self.depth, self.parents,
+                                              self.ancestors, size)
             picks, probs = draft_children(self.draft, logits, step.width, self.sampling, self.sample_children,
                                           generator)
             tokens[step.child_nodes] = picks.flatten()[step.pick_positions]

@@ -94,9 +94,9 @@ class DynamicTreeDrafter:
                              f"(got {budget}, {width}, {max_depth})")
         self.draft, self.sampling, self.sample_children = draft, sampling, sample_children
         self.budget, self.width, self.max_depth, self.score = budget, width, max_depth, score
-        self.cache = DraftCache(draft)
-        self.uses_target_features = draft.uses_target_features
         self.max_runs = 1 + min(width, budget - 1) * (max_depth - 1)
+        self.cache = DraftCache(draft, self.max_runs)
+        self.uses_target_features = draft.uses_target_features
         self.run_of_node: list[int] = [0]
 
     @staticmethod
@@ -148,11 +148,6 @@ class DynamicTreeDrafter:
         run_parents = torch.full((self.max_runs,), -1, dtype=torch.long, device=device)
         run_depth = torch.zeros(self.max_runs, dtype=torch.long, device=device)
         probs_of_run: dict[int, torch.Tensor] = {}
-        run_features = None
-        if self.uses_target_features:  # each run node's predicted feature, read by its children
-            root = self.cache.root_predicted_feature
-            run_features = root.new_zeros(self.max_runs, root.shape[0])
-            run_features[0] = root
         frontier, logits, runs = torch.zeros(1, dtype=torch.long, device=device), root_logits[None], 1
         level_start = 0  # index of the newest level's first node
         for depth in range(1, self.max_depth + 1):
@@ -167,11 +162,8 @@ class DynamicTreeDrafter:
                 run_parents[new_runs] = run_index[torch.cat(parents)[frontier]]
                 run_depth[new_runs] = depth - 1
                 ancestors = ancestor_mask_from_parents(run_parents[:runs + new_count])
-                prev = None if run_features is None else run_features[run_parents[new_runs]]
-                logits, predicted = self.cache.run_nodes(new_runs, list(range(runs, runs + new_count)), run_tokens,
-                                                         run_depth, ancestors, runs + new_count, prev)
-                if predicted is not None:
-                    run_features[new_runs] = predicted
+                logits = self.cache.run_nodes(new_runs, list(range(runs, runs + new_count)), run_tokens,
+                                              run_depth, run_parents, ancestors, runs + new_count)
                 runs += new_count
             picks, probs = draft_children(self.draft, logits, self.width, self.sampling, self.sample_children,
                                           generator)
