@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.feature_draft import shift_features
 from engine.growmap import Growmap
 from engine.model import TreeModel
 from engine.sampling import Sampling, probs_from_logits, sample_without_replacement
@@ -24,53 +25,43 @@ def append_tokens(model: TreeModel, token_ids: torch.Tensor, start: int, last_lo
     """Append a causal chunk of committed tokens (token_ids: [c] long) at slots/positions [start, start + c)
     and return the last token's logits ([own vocab]) if asked; the prefill skips the LM head entirely.
 
-    A feature draft reads `prev_features` [c, d] (zeros when not given: only a cost measurement does that);
-    with `return_hidden` the chunk's final hidden states [c, d] come back too, as (logits or None, hidden).
+    A feature draft reads `prev_features` [c, d]; with `return_hidden` the chunk's final hidden states [c, d]
+    come back too, as (logits or None, hidden).
     """
     count = token_ids.shape[0]
     slots = torch.arange(start, start + count, device=model.device)
     mask = causal_mask(count, start, model.device)
     rows = slots[-1:] - start if last_logits else slots[:0]
-    extra = {}
-    if model.uses_target_features:
-        extra["prev_features"] = prev_features if prev_features is not None else \
-            torch.zeros(count, model.hidden_size, dtype=model.dtype, device=model.device)
-    out = model.forward(token_ids, slots, slots, mask, logits_rows=rows, return_hidden=return_hidden, **extra)
+    out = model.forward(token_ids, slots, slots, mask, logits_rows=rows, return_hidden=return_hidden,
+                        prev_features=prev_features)
     logits, hidden = out if return_hidden else (out, None)
     last = logits[0] if last_logits else None
     return (last, hidden) if return_hidden else last
 
 
 def teacher_forced_logits(model: TreeModel, token_ids: torch.Tensor, rows: torch.Tensor,
-                          target_features: torch.Tensor | None = None, self_fed: bool = False,
+                          target_features: torch.Tensor | None = None,
                           return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One causal forward over a whole text from slot 0: token_ids [L] long (target ids), rows [r] long.
 
     Returns the next-token logits of `rows` over the model's own vocabulary, [r, own vocab]: every position's
     distribution from a single forward, which is how draft quality is measured without decoding; with
-    `return_hidden` (a plain model) also the final hidden states of all L positions, [L, d]: for the target,
-    the features a feature draft reads.
-    A feature draft needs those `target_features` [L, d]. With `self_fed` it reads its own predicted feature of
-    the previous position instead of the target's, as the children of every non-root tree node do: a second
-    forward, fed the first one's predictions. (Here every position is self-fed, also the context, where
-    decoding uses the target's real features: a slightly pessimistic stand-in.)
+    `return_hidden` also the final hidden states of all L positions, [L, d]: for the target, the features a
+    feature draft reads; for a feature draft, its predicted features.
+    A feature draft needs the target's `target_features` [L, d]. Handed its own predicted features instead,
+    it gives the self-fed logits, as the children of every non-root tree node are drafted. (There every
+    position is self-fed, also the context, where decoding uses the target's real features: a slightly
+    pessimistic stand-in.)
     """
     length = token_ids.shape[0]
     slots = torch.arange(length, device=model.device)
-    mask = causal_mask(length, 0, model.device)
-    if not model.uses_target_features:
-        return model.forward(token_ids, slots, slots, mask, logits_rows=rows, return_hidden=return_hidden)
-    if target_features is None:
-        raise ValueError("a feature draft's logits need the target's features: pass target_features=")
-
-    def shifted(features: torch.Tensor) -> torch.Tensor:  # position p reads the feature of p - 1
-        return torch.cat([features.new_zeros(1, features.shape[1]), features[:-1]])
-
-    logits, predicted = model.forward(token_ids, slots, slots, mask, logits_rows=rows, return_hidden=True,
-                                      prev_features=shifted(target_features))
-    if self_fed:
-        logits = model.forward(token_ids, slots, slots, mask, logits_rows=rows, prev_features=shifted(predicted))
-    return logits
+    prev_features = None
+    if model.uses_target_features:
+        if target_features is None:
+            raise ValueError("a feature draft's logits need the target's features: pass target_features=")
+        prev_features = shift_features(target_features)
+    return model.forward(token_ids, slots, slots, causal_mask(length, 0, model.device), logits_rows=rows,
+                         return_hidden=return_hidden, prev_features=prev_features)
 
 
 class DraftCache:

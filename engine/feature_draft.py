@@ -89,21 +89,21 @@ class FeatureDraftModel(TreeModel):
         self.net = net
         self._setup(net.config, net.embed, list(net.layers), net.norm, net.head, net.rotary_emb, max_len,
                     None, head_ids)
-        if self.output_ids is not None:
-            self.column_of = torch.zeros(self.target_vocab_size, dtype=torch.long, device=self.device)
-            self.column_of[self.output_ids] = torch.arange(self.output_ids.shape[0], device=self.device)
 
     @property
     def target_vocab_size(self) -> int:
         return self.embed.num_embeddings
 
-    @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
-                attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None, return_hidden: bool = False,
-                prev_features: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def placeholder_features(self, count: int) -> torch.Tensor:
+        return torch.zeros(count, self.hidden_size, dtype=self.dtype, device=self.device)
+
+    def embed_inputs(self, token_ids: torch.Tensor, prev_features: torch.Tensor | None) -> torch.Tensor:
         if prev_features is None:
             raise ValueError("a feature draft needs the previous positions' target features (prev_features)")
-        hidden = self.run_layers(self.net.fuse(token_ids, prev_features), positions, kv_slots, attn_mask)
-        rows = hidden if logits_rows is None else hidden[logits_rows]
-        logits = self.lm_head(rows).float()
-        return (logits, hidden) if return_hidden else logits
+        return self.net.fuse(token_ids, prev_features)
+
+
+def shift_features(features: torch.Tensor) -> torch.Tensor:
+    """[..., L, d] features of positions 0..L-1 -> what positions 0..L-1 read: the feature of the previous
+    position (zero for position 0)."""
+    return torch.cat([torch.zeros_like(features[..., :1, :]), features[..., :-1, :]], dim=-2)

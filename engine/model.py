@@ -47,9 +47,12 @@ class TreeModel:
         self.device, self.dtype = param.device, param.dtype
         self.input_map = None if input_map is None else input_map.to(self.device)
         self.output_ids = None if output_ids is None else output_ids.to(self.device)
-        # target id -> column of this model's logits (None: the columns are target ids); a subset draft reads
-        # and writes the same ids, so its input map is also its column map
+        # target id -> column of this model's logits (None: the columns are target ids); a subset draft that
+        # reads and writes the same ids has it as its input map, a subset head alone inverts `output_ids`
         self.column_of = self.input_map
+        if self.column_of is None and self.output_ids is not None:
+            self.column_of = torch.zeros(self.target_vocab_size, dtype=torch.long, device=self.device)
+            self.column_of[self.output_ids] = torch.arange(self.output_ids.shape[0], device=self.device)
         self.cache = KVCache(len(self.layers), self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
 
     @property
@@ -57,6 +60,15 @@ class TreeModel:
         return self.cache.max_len
 
     uses_target_features = False  # True for drafts that read the target's hidden states (engine/feature_draft.py)
+
+    def placeholder_features(self, count: int) -> torch.Tensor | None:
+        """`prev_features` for timing runs: None for a plain model, zeros for a feature draft (values do not
+        change the cost)."""
+        return None
+
+    def embed_inputs(self, token_ids: torch.Tensor, prev_features: torch.Tensor | None) -> torch.Tensor:
+        """[n] target ids -> [n, d] input of the first layer (a feature draft also reads `prev_features`)."""
+        return self.embed(token_ids if self.input_map is None else self.input_map[token_ids])
 
     @property
     def target_vocab_size(self) -> int:
@@ -68,8 +80,8 @@ class TreeModel:
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
-                attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None, return_hidden: bool = False,
+                prev_features: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run n new tokens and return their next-token logits.
 
         token_ids: [n] long target-vocabulary ids; positions: [n] long RoPE positions;
@@ -77,11 +89,11 @@ class TreeModel:
         (True = attend; S must cover every slot written); logits_rows: optional [r] long rows to project
         through the LM head (prefill only needs the last). Returns [n or r, vocab] float32 logits over the
         model's own vocabulary (map columns with `to_target_ids`); with return_hidden also the final
-        (normed) hidden states of all n tokens, [n, d] — the features a feature-level draft reads.
+        (normed) hidden states of all n tokens, [n, d] — the features a feature-level draft reads (for a
+        feature draft: its predicted features). A feature draft reads `prev_features` [n, d], the features of
+        each token's previous position.
         """
-        if self.input_map is not None:
-            token_ids = self.input_map[token_ids]
-        hidden = self.run_layers(self.embed(token_ids), positions, kv_slots, attn_mask)
+        hidden = self.run_layers(self.embed_inputs(token_ids, prev_features), positions, kv_slots, attn_mask)
         rows = hidden if logits_rows is None else hidden[logits_rows]
         logits = self.lm_head(rows).float()
         return (logits, hidden) if return_hidden else logits

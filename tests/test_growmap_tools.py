@@ -273,10 +273,11 @@ def test_prompt_counts_of_a_feature_draft_measure_both_regimes(tiny_pair, featur
     continuation = autoregressive_generate(target, prompt, steps, set(), greedy, gen()).output_ids
     tokens = torch.tensor(prompt + continuation[:-1])
     rows = torch.arange(len(prompt) - 1, tokens.shape[0])
-    target_logits = growmap_tool.target_vocab_logits(target, tokens, rows)
-    _, features = teacher_forced_logits(target, tokens, rows, return_hidden=True)
-    for counts, self_fed in ((measured.deep, True), (measured.root, False)):
-        draft_logits = growmap_tool.target_vocab_logits(draft, tokens, rows, features, self_fed)
+    target_logits, features = teacher_forced_logits(target, tokens, rows, return_hidden=True)
+    fed, predicted = teacher_forced_logits(draft, tokens, rows, features, return_hidden=True)
+    self_fed = teacher_forced_logits(draft, tokens, rows, predicted)
+    for counts, own_logits in ((measured.deep, self_fed), (measured.root, fed)):
+        draft_logits = growmap_tool.in_target_vocab(draft, own_logits)
         assert torch.equal(counts, acceptance_counts(target_logits, draft_logits, width, greedy, gen()))
     plain = TreeModel(LlamaForCausalLM.from_pretrained(tiny_pair[1]), 64)
     sampled = growmap_tool.prompt_counts(SimpleNamespace(target=target, draft=plain, eos_ids=set()), prompt, steps,

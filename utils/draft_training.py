@@ -860,12 +860,13 @@ def engine_step_ms(model, context: int, steps: int, repeats: int) -> float:
     from engine.drafters import append_tokens
 
     ids = torch.randint(3, model.target_vocab_size, (context + 1,), device=model.device)
-    append_tokens(model, ids[:context], 0, last_logits=False)  # a feature draft gets zero features: same cost
+    append_tokens(model, ids[:context], 0, last_logits=False, prev_features=model.placeholder_features(context))
+    one = model.placeholder_features(1)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):  # the same slot each time: the cache length, hence the cost, stays `context`
-            int(append_tokens(model, ids[context:], context).argmax())
+            int(append_tokens(model, ids[context:], context, prev_features=one).argmax())
         times.append((time.perf_counter() - t0) / steps * 1000)
     return float(np.median(times))
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.feature_draft import FEATURE_DRAFT_KEY, FeatureDraftNet
+from engine.feature_draft import FEATURE_DRAFT_KEY, FeatureDraftNet, shift_features
 from utils.errors import UserError
 from utils.models import DraftVocab, load_draft_vocab, load_hf_model, load_tokenizer, resolve_model_path
 
@@ -163,11 +163,6 @@ def feature_batch(tokens: np.ndarray, spans: list[tuple[int, int]], features: to
         feats[r, :b - a] = features[starts[i]:starts[i + 1]]
         valid[r, :b - a] = True
     return ids, feats, valid
-
-
-def shift_features(feats: torch.Tensor) -> torch.Tensor:
-    """Row t gets the feature of position t - 1 (zero for t = 0), as the draft's input."""
-    return torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)
 
 
 def feature_losses(net: FeatureDraftNet, predicted: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor,

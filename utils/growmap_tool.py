@@ -395,15 +395,11 @@ def _environment(device: str, dtype: torch.dtype) -> dict:
 
 # ---------------------------------------------------------------- measuring: acceptance vector
 
-def target_vocab_logits(model, tokens: torch.Tensor, rows: torch.Tensor, target_features=None,
-                        self_fed: bool = False) -> torch.Tensor:
-    """One causal forward of a TreeModel over tokens [L] (slots and positions 0..L-1) -> logits [r, V] of
-    `rows` over the target vocabulary (-inf on tokens a vocabulary-subset draft cannot propose). A feature
-    draft reads the target's features [L, d] (or, `self_fed`, its own predictions: see teacher_forced_logits)."""
-    from engine.drafters import teacher_forced_logits
+def in_target_vocab(model, logits: torch.Tensor) -> torch.Tensor:
+    """A TreeModel's logits [r, own V] -> [r, V] over the target vocabulary (-inf on tokens a
+    vocabulary-subset draft cannot propose)."""
     from utils.potential import to_target_vocab
 
-    logits = teacher_forced_logits(model, tokens, rows, target_features, self_fed)         # [r, own V]
     return to_target_vocab(logits, model.output_ids, model.target_vocab_size, float("-inf"))
 
 
@@ -434,12 +430,16 @@ def prompt_counts(pair, prompt_ids: list[int], steps: int, width: int, sampling,
     # one target forward gives its logits and the features a feature draft reads
     target_logits, features = teacher_forced_logits(pair.target, tokens, rows, return_hidden=True)  # [n, V], [L, d]
 
-    def counts(self_fed: bool) -> torch.Tensor:
-        draft_logits = target_vocab_logits(pair.draft, tokens, rows, features, self_fed)      # [n, V]
-        return acceptance_counts(target_logits, draft_logits, width, sampling, generator)
+    def counts(draft_logits: torch.Tensor) -> torch.Tensor:                                # [n, own V]
+        return acceptance_counts(target_logits, in_target_vocab(pair.draft, draft_logits), width, sampling,
+                                 generator)
 
-    deep = counts(True)  # a plain draft ignores self_fed
-    return PromptCounts(deep, counts(False) if pair.draft.uses_target_features else None)
+    if not pair.draft.uses_target_features:
+        return PromptCounts(counts(teacher_forced_logits(pair.draft, tokens, rows)), None)
+    # fed the target's features (the root's children), then its own predictions (every deeper node)
+    fed, predicted = teacher_forced_logits(pair.draft, tokens, rows, features, return_hidden=True)
+    deep = counts(teacher_forced_logits(pair.draft, tokens, rows, predicted))  # deep first: the draws' order
+    return PromptCounts(deep, counts(fed))
 
 
 def _check_measure_flags(args: argparse.Namespace) -> None:
@@ -592,10 +592,9 @@ def _draft_call(model, inputs):
     """One draft growth step: the forward over the frontier and the top-k children of each node."""
     tokens, positions, slots, mask = inputs
     k = min(DRAFT_TOPK, model.vocab_size)
-    extra = {}
-    if model.uses_target_features:  # the values of the input features do not change the cost
-        extra["prev_features"] = torch.zeros(tokens.shape[0], model.hidden_size, dtype=model.dtype, device=model.device)
-    return lambda: model.to_target_ids(model.forward(tokens, positions, slots, mask, **extra).topk(k, dim=-1).indices)
+    features = model.placeholder_features(tokens.shape[0])
+    return lambda: model.to_target_ids(model.forward(tokens, positions, slots, mask, prev_features=features)
+                                       .topk(k, dim=-1).indices)
 
 
 def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -619,8 +618,9 @@ def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
     calls = {}
     for model, kind, kind_sizes, make in ((pair.target, "target", sizes, _target_call),
                                           (pair.draft, "draft", draft_sizes, _draft_call)):
-        if args.prefix:  # a feature draft gets zero features: their values do not change the cost
-            append_tokens(model, prefix_ids, 0, last_logits=False)
+        if args.prefix:
+            append_tokens(model, prefix_ids, 0, last_logits=False,
+                          prev_features=model.placeholder_features(args.prefix))
         for n in kind_sizes:
             calls[f"{kind}:{n}"] = make(model, tree_inputs(n, args.prefix, vocab, args.tree, generator, device))
     timings = time_round_robin(calls, repeats, warmup, device)
