@@ -12,24 +12,11 @@ from __future__ import annotations
 import argparse
 
 from engine.dynamic_drafter import SCORES, DynamicTreeDrafter, check_score
-from engine.growmap import load_growmap
 from engine.verifiers import SAMPLED_CHILDREN
 from utils.cli import decoding_parser, run_cli, validate_common
-from utils.config import DEFAULTS
+from utils.config import DEFAULTS, tree_limits
 from utils.errors import UserError
 from utils.experiment import execute
-
-
-def resolve_shape(args: argparse.Namespace) -> tuple[int, int]:
-    """(--B, --D), each defaulting to the size / depth of a --growmap given on the command line, else of the
-    default growmap: equal budget and depth give the static and the dynamic tree the same node count and the
-    same number of sequential draft forwards per step."""
-    if args.growmap != DEFAULTS.growmap:
-        growmap = load_growmap(args.growmap)
-        size, depth = growmap.size, growmap.max_depth
-    else:
-        size, depth = DEFAULTS.B, DEFAULTS.D
-    return (size if args.B is None else args.B), (depth if args.D is None else args.D)
 
 
 def validate_tree_flags(args: argparse.Namespace) -> None:
@@ -62,7 +49,7 @@ def main() -> None:
                              "depth-weighted cumulative logit (not with --verify specinfer)")
     args = parser.parse_args()
     validate_common(args)
-    args.B, args.D = resolve_shape(args)
+    args.B, args.D = tree_limits(args.growmap, args.B, args.D)
     validate_tree_flags(args)
     args.record_shapes = True
     meta = {"dynamic_tree": {"budget": args.B, "width": args.W, "max_depth": args.D, "score": args.score}}

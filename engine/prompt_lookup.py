@@ -78,6 +78,11 @@ def graft_chain(tree: CandidateTree, chain: list[int]) -> tuple[CandidateTree, i
     return grafted, count
 
 
+def with_prompt_lookup(drafter, max_tokens: int, max_ngram: int):
+    """`drafter` wrapped in a PromptLookupDrafter, or as it is when lookup is off (0) or there is no drafter."""
+    return PromptLookupDrafter(drafter, max_tokens, max_ngram) if drafter is not None and max_tokens else drafter
+
+
 class PromptLookupDrafter:
     """Wraps a drafter (or none: plain prompt lookup) and grafts a copied chain of up to `max_tokens`
     tokens onto each of its trees. The tree grows by at most `max_tokens` nodes; accepted copied tokens are

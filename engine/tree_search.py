@@ -86,17 +86,18 @@ class SearchTable:
     values[L, n]: best expected tokens per step with exactly n nodes and at most L levels (-inf where no
     such tree exists, i.e. n > 1 with L = 1). Non-decreasing in L; in n too, since p >= 0.
 
-    With a root vector (a feature draft drafts the root's children from the target's real hidden state, so
-    they are accepted more often than deeper nodes), `values`, `best_branch` and `split` are the whole
-    tree's, its root level scored with `root_acceptance`, and `subtrees` holds the DP of the subtrees below
-    the root, scored with `acceptance` alone. Without one the two coincide and `subtrees` is None.
+    `whole` is the DP of whole trees; `subtrees` that of the subtrees below the root. With a root vector (a
+    feature draft drafts the root's children from the target's real hidden state, so they are accepted more
+    often than deeper nodes) the whole tree's root level is scored with it and the subtrees with the plain
+    vector; without one the two are the same table.
     """
-    acceptance: np.ndarray   # [K + 1] float64, p[0] = 0
-    values: np.ndarray       # [max_levels + 1, max_budget + 1] float64
-    best_branch: np.ndarray  # [max_levels + 1, max_budget + 1] int: children of the root in the best tree
-    split: np.ndarray        # [max_levels + 1, K_root + 1, max_budget + 1] int: see `sequoia_dp`
-    root_acceptance: np.ndarray | None = None  # [K_root + 1] float64; None: the root's children use `acceptance`
-    subtrees: LevelTable | None = None          # None: the subtrees' DP is the whole tree's (no root vector)
+    whole: LevelTable
+    subtrees: LevelTable
+
+    @property
+    def values(self) -> np.ndarray:
+        """[max_levels + 1, max_budget + 1] float64: the whole trees' best values."""
+        return self.whole.values
 
     @property
     def max_budget(self) -> int:
@@ -120,12 +121,10 @@ class SearchTable:
         self._check(budget, levels)
         if not math.isfinite(self.values[levels, budget]):
             raise ValueError(f"no tree of {budget} nodes fits in {levels} level(s)")
-        root = LevelTable(self.values, self.best_branch, self.split)
-        deep = root if self.subtrees is None else self.subtrees
         parents = [-1]
         queue = [(0, budget, levels)]  # (node id, subtree size, level limit)
         for node, size, lev in queue:  # the list grows while we walk it: breadth-first
-            for child_size in (root if node == 0 else deep).child_sizes(lev, size):  # rank 1 first
+            for child_size in (self.whole if node == 0 else self.subtrees).child_sizes(lev, size):  # rank 1 first
                 parents.append(node)
                 queue.append((len(parents) - 1, child_size, lev - 1))
         return parents
@@ -214,7 +213,7 @@ def sequoia_dp(p: Sequence[float], max_budget: int, max_levels: int,
         deep.fill(lev, deep.values[lev - 1], vec, pairs)
         if root_vec is not None:
             top.fill(lev, deep.values[lev - 1], root_vec, pairs)
-    return SearchTable(vec, top.values, top.best_branch, top.split, root_vec, None if root_vec is None else deep)
+    return SearchTable(whole=top, subtrees=deep)
 
 
 def child_ranks(growmap: Growmap) -> list[int]:

@@ -86,15 +86,6 @@ def tiny_model_dirs(tmp_path_factory, tiny_tokenizer):
     return dirs
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared (use with `pytestmark`)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Training runs (tests/test_pretrain.py, tests/test_feature_draft.py): a tiny saved target and a text file.
 SENTENCES = [
     "the team won the match and the city was happy .",

@@ -42,7 +42,6 @@ class RecordingDrafter:
         self.inner.accept(path)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ def feature_settings(out, target, data, **overrides) -> TrainSettings:
 VOCAB = 96
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def feature_pair(head_subset: bool, seed: int = 3) -> tuple[TreeModel, FeatureDraftModel]:

@@ -97,7 +97,7 @@ def test_dp_matches_brute_force_on_small_trees():
     p = [0, 0.5, 0.1, 0.25, 0.05]  # not decreasing: ranks must still be used in order
     small = sequoia_dp(p, 7, 4)
     for n in range(1, 8):
-        trees = [from_parents([-1, *rest]) for rest in itertools.product(*[range(i) for i in range(1, n)])]
+        trees = all_trees(n)
         for levels in range(1, 5):
             fitting = [expected_accepted(t, p) for t in trees
                        if t.max_depth <= levels - 1 and max(map(len, t.successors)) <= 4]  # at most K children

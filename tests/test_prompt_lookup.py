@@ -19,7 +19,6 @@ from engine.tree_mask import ancestor_mask_from_parents
 from tests.tiny_models import random_prompt, tiny_llama, tree_model
 
 GREEDY = Sampling()
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_continuation(context: list[int], max_ngram: int, max_tokens: int) -> list[int]:

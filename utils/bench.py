@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.growmap import Growmap
 from engine.verifiers import VERIFIERS
 from utils.bench_methods import METHODS, PROMPT_LOOKUP_TOKENS, BenchSetup, DynamicShape, Run
 from utils.cli import OneLineParser, add_data_flags, add_lookup_flags, add_model_flags, run_cli, validate_common
-from utils.config import DEFAULTS
+from utils.config import DEFAULTS, tree_limits
 from utils.data import Prompt
 from utils.errors import UserError
 
@@ -253,11 +252,10 @@ def selected_methods(spec: str) -> list[str]:
     return [name for name in METHODS if name in asked or name == "generate"]
 
 
-def dynamic_shape(args: argparse.Namespace, growmap: Growmap) -> DynamicShape:
+def dynamic_shape(args: argparse.Namespace) -> DynamicShape:
     """The dynamic tree's limits: the flags, or the growmap's size and depth (so both trees get the same
     node budget)."""
-    budget = growmap.size if args.dynamic_budget is None else args.dynamic_budget
-    depth = growmap.max_depth if args.dynamic_depth is None else args.dynamic_depth
+    budget, depth = tree_limits(args.growmap, args.dynamic_budget, args.dynamic_depth)
     shape = DynamicShape(budget=budget, width=args.dynamic_width, max_depth=depth, score=DEFAULTS.score)
     if shape.budget < 2 or shape.width < 1 or shape.max_depth < 1:
         raise UserError(f"the dynamic tree needs --dynamic-budget >= 2, --dynamic-width >= 1 and --dynamic-depth "
@@ -287,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     sampling = Sampling(args.T, args.P)
     verifier = "greedy" if sampling.greedy else args.verify
     growmap = load_growmap(args.growmap)
-    dynamic = dynamic_shape(args, growmap)
+    dynamic = dynamic_shape(args)
     dtype = resolve_dtype(args.dtype, args.device)
     max_len = args.prompt_len + args.max_new_tokens + max(growmap.size, dynamic.slots_bound()) + args.lookup + 1
     pair = load_pair(args.target, args.model, any(m in DRAFT_METHODS for m in methods), dtype, args.device, max_len)

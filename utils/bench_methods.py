@@ -26,7 +26,7 @@ from engine.decoder import Drafter, autoregressive_generate, speculative_generat
 from engine.drafters import StaticTreeDrafter
 from engine.dynamic_drafter import DynamicTreeDrafter
 from engine.growmap import Growmap
-from engine.prompt_lookup import PromptLookupDrafter
+from engine.prompt_lookup import with_prompt_lookup
 from engine.sampling import Sampling
 from utils.data import Prompt
 from utils.experiment import WARMUP_TOKENS, ModelPair, generator_for
@@ -313,8 +313,8 @@ def _prepare_hf_method(name: str, setup: BenchSetup, copies: ModelCopies, pair: 
 def prepare_methods(methods: list[str], pair: ModelPair, growmap: Growmap, sampling: Sampling, verifier: str,
                     warm_prompt: Prompt, *, hf_dtype: str, seed: int, lookup_tokens: int,
                     max_new_tokens: int, sample_children: bool, dynamic: DynamicShape,
-                    assistant_draft: tuple[str, nn.Module] | None = None, suite_lookup: int = 0,
-                    suite_lookup_ngram: int = 3) -> BenchSetup:
+                    assistant_draft: tuple[str, nn.Module] | None, suite_lookup: int,
+                    suite_lookup_ngram: int) -> BenchSetup:
     """Build a warmed-up runner per method (transformers' methods first, then the suite's), and a
     transformers generate in every dtype a method runs in, for the exactness check.
 
@@ -339,9 +339,8 @@ def prepare_methods(methods: list[str], pair: ModelPair, growmap: Growmap, sampl
         drafters["dynamic_tree"] = DynamicTreeDrafter(pair.draft, sampling, sample_children, budget=dynamic.budget,
                                                       width=dynamic.width, max_depth=dynamic.max_depth,
                                                       score=dynamic.score)
-    if suite_lookup:
-        drafters.update({name: PromptLookupDrafter(drafter, suite_lookup, suite_lookup_ngram)
-                         for name, drafter in drafters.items() if drafter is not None})
+    drafters = {name: with_prompt_lookup(drafter, suite_lookup, suite_lookup_ngram)
+                for name, drafter in drafters.items()}
     suite_dtype = str(pair.target.dtype).removeprefix("torch.")
     for name in (m for m in SUITE_METHODS if m in methods and m in drafters):
         runner = suite_runner(pair, drafters[name], sampling, verifier, seed)

@@ -8,26 +8,29 @@ from engine.growmap import load_growmap
 from utils.models import REPO_ROOT
 
 DEFAULT_GROWMAP = REPO_ROOT / "growmaps" / "smollm2-feature-cpu.pt"  # searched for the default pair on a 2-core CPU
-FALLBACK_BUDGET = 64
+FALLBACK_SHAPE = (64, 9)  # dynamic tree budget and depth when the default growmap is absent
 
 
-FALLBACK_DEPTH = 9
+def growmap_shape(growmap: Path = DEFAULT_GROWMAP) -> tuple[int, int]:
+    """(size, depth) of a growmap: the dynamic tree's default node budget and depth limit. Equal budget and
+    depth give the static and the dynamic tree the same node count and the same number of sequential draft
+    forwards per step. FALLBACK_SHAPE when the default growmap is absent."""
+    if growmap == DEFAULT_GROWMAP and not growmap.exists():
+        return FALLBACK_SHAPE
+    loaded = load_growmap(growmap)
+    return loaded.size, loaded.max_depth
 
 
-def default_budget(growmap: Path = DEFAULT_GROWMAP) -> int:
-    """The dynamic tree's default node budget: the default growmap's size (equal budgets make static and
-    dynamic trees comparable), or FALLBACK_BUDGET when that file is absent."""
-    if not growmap.exists():
-        return FALLBACK_BUDGET
-    return load_growmap(growmap).size
+def tree_limits(growmap: str, budget: int | None, depth: int | None) -> tuple[int, int]:
+    """(budget, depth) of a dynamic tree: the flags given, else the size and depth of `growmap` (a path),
+    read only when needed and only once for the default."""
+    if budget is not None and depth is not None:
+        return budget, depth
+    size, max_depth = DEFAULT_SHAPE if Path(growmap) == DEFAULT_GROWMAP else growmap_shape(Path(growmap))
+    return (size if budget is None else budget), (max_depth if depth is None else depth)
 
 
-def default_depth(growmap: Path = DEFAULT_GROWMAP) -> int:
-    """The dynamic tree's default depth limit: the default growmap's depth (the same number of sequential
-    draft forwards per step as the static tree), or FALLBACK_DEPTH when that file is absent."""
-    if not growmap.exists():
-        return FALLBACK_DEPTH
-    return load_growmap(growmap).max_depth
+DEFAULT_SHAPE = growmap_shape()
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,9 @@ class RunDefaults:
     prompt_len: int = 128
     max_new_tokens: int = 128
     results_dir: str = "results"
-    B: int = default_budget()           # dynamic tree: node budget, root included
+    B: int = DEFAULT_SHAPE[0]           # dynamic tree: node budget, root included
     W: int = 8                          # dynamic tree: children per expanded node and nodes expanded per level
-    D: int = default_depth()            # dynamic tree: depth limit, the default growmap's depth
+    D: int = DEFAULT_SHAPE[1]           # dynamic tree: depth limit, the default growmap's depth
     score: str = "logprob"              # dynamic tree: logprob (EAGLE-2) or original (depth-weighted logits)
     lookup: int = 10                    # prompt lookup: copied tokens grafted onto each tree (0 = off)
     lookup_ngram: int = 3               # prompt lookup: longest n-gram matched

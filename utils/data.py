@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_NAME = "builtin"
@@ -250,7 +250,7 @@ def _read_saved_folder(path: Path) -> Sequence[_Row]:
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise UserError(f"{path} is not a folder written by datasets' save_to_disk "
-                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+                        f"({first_line(exc)})") from exc
     return _HFTable(_pick_split(ds, str(path)), str(path))
 
 
@@ -287,7 +287,7 @@ def _read_hub(name: str, end: int | None) -> Sequence[_Row]:
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001  (datasets raises many types for hub and cache failures)
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise UserError(f"cannot load dataset '{name}' from the hub ({first}); {LOCAL_HINT}") from exc
     return _HFTable(ds, name, spec.kind, spec.field)
 

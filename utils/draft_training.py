@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -478,20 +479,62 @@ def save_model_folder(model, tokenizer, vocab: DraftVocab | None, folder: Path, 
     (folder / SETTINGS_FILE).write_text(json.dumps(asdict(settings), indent=1))
 
 
-def save_checkpoint(accelerator, model, tokenizer, vocab, optimizer, step: int, elapsed_s: float,
-                    s: TrainSettings) -> Path:
-    """checkpoint-<step>/: the model folder plus optimizer, step and time used (written last: marks it complete)."""
-    folder = Path(s.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-    unwrapped = accelerator.unwrap_model(model)
-    save_model_folder(unwrapped, tokenizer, vocab, folder, s.save_dtype, s)
+def write_training_state(folder: Path, step: int, elapsed_s: float, optimizer,
+                         model_fp32: dict[str, torch.Tensor] | None) -> None:
+    """The resume state beside a checkpoint's model folder: step, time used, optimizer, RNG and (when the
+    folder's weights are not float32) float32 weights. Written last and atomically: it marks the checkpoint
+    complete, and a half-written one never does."""
     state = {"step": step, "elapsed_s": elapsed_s, "optimizer": optimizer.state_dict(),
              "torch_rng": torch.get_rng_state()}
-    if s.save_dtype != "float32":
-        state["model_fp32"] = {k: v.detach().float() for k, v in unwrapped.state_dict().items()}
+    if model_fp32 is not None:
+        state["model_fp32"] = model_fp32
     tmp = folder / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
-    tmp.replace(folder / STATE_FILE)  # atomic: a half-written state never marks a checkpoint complete
-    return folder
+    tmp.replace(folder / STATE_FILE)
+
+
+def restore_training_state(folder: Path, model, optimizer, strict: bool = True) -> tuple[int, float]:
+    """Load a checkpoint's resume state into `model` (its float32 weights, if stored) and `optimizer`;
+    returns (step, seconds used so far)."""
+    state = torch.load(folder / STATE_FILE, weights_only=False)
+    if "model_fp32" in state:
+        model.load_state_dict(state["model_fp32"], strict=strict)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), float(state.get("elapsed_s", 0.0))
+
+
+def prepare_output_dir(s: TrainSettings) -> list[Path]:
+    """Create --output-dir; return its complete checkpoints when resuming, refuse a clash otherwise."""
+    out_dir = Path(s.output_dir)
+    found = checkpoints(out_dir) if s.resume else []
+    if s.resume and not found:
+        raise UserError(f"--resume: no complete checkpoint-N folder in {out_dir}")
+    if not s.resume and checkpoints(out_dir):
+        raise UserError(f"{out_dir} already holds checkpoints: pass --resume to continue, or another --output-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return found
+
+
+def adamw(params: list[torch.nn.Parameter], s: TrainSettings, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=s.lr, betas=betas)
+
+
+def due(step: int, every: int, s: TrainSettings, out_of_time: bool) -> bool:
+    """Whether an evaluation or checkpoint (every `every` steps) falls on `step`; the last step always gets one."""
+    return step % every == 0 or step == s.max_steps or out_of_time
+
+
+def choose_subset(s: TrainSettings, tokenizer, data: DistillData):
+    """(vocabulary subset or None, coverage of the training tokens) for --vocab-subset."""
+    target_vocab = len(tokenizer)
+    if not s.vocab_subset or s.vocab_subset >= target_vocab:
+        return None, 1.0
+    oov = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.all_special_ids[0]
+    return choose_vocab(data, s.vocab_subset, target_vocab, list(tokenizer.all_special_ids), oov)
 
 
 def load_init(init: str, target_tokenizer, target: str | None):
@@ -552,10 +595,7 @@ def build_draft(s: TrainSettings, tokenizer, data: DistillData):
     if s.init is not None:
         model, vocab = load_init(s.init, tokenizer, s.target)
         return model, vocab, None
-    vocab, coverage = None, 1.0
-    if s.vocab_subset and s.vocab_subset < target_vocab:
-        oov = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.all_special_ids[0]
-        vocab, coverage = choose_vocab(data, s.vocab_subset, target_vocab, list(tokenizer.all_special_ids), oov)
+    vocab, coverage = choose_subset(s, tokenizer, data)
     size = len(vocab.draft_to_target) if vocab is not None else target_vocab
     model = LlamaForCausalLM(build_config(s, size, tokenizer))
     if s.embed_init == "pca":
@@ -668,12 +708,7 @@ def train(s: TrainSettings) -> dict[str, float]:
     accelerator = Accelerator(mixed_precision=s.mixed_precision if s.mixed_precision != "no" else "no")
     torch.manual_seed(s.seed)
     out_dir = Path(s.output_dir)
-    found = checkpoints(out_dir) if s.resume else []
-    if s.resume and not found:
-        raise UserError(f"--resume: no complete checkpoint-N folder in {out_dir}")
-    if not s.resume and checkpoints(out_dir):
-        raise UserError(f"{out_dir} already holds checkpoints: pass --resume to continue, or another --output-dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    found = prepare_output_dir(s)
     tokenizer = load_tokenizer(s.target)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     data = load_training_data(s, tokenizer)
@@ -689,18 +724,8 @@ def train(s: TrainSettings) -> dict[str, float]:
     vocab_map, owned = vocab_tables(vocab)
     model.config.use_cache = False
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.98))
-    step, elapsed_before = 0, 0.0
-    if found:
-        state = torch.load(found[-1] / STATE_FILE, weights_only=False)
-        if "model_fp32" in state:
-            model.load_state_dict(state["model_fp32"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        step, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
+    optimizer = adamw(list(model.parameters()), s, betas=(0.9, 0.98))
+    step, elapsed_before = restore_training_state(found[-1], model, optimizer) if found else (0, 0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = Teacher(s, accelerator.device) if s.loss != "ce" and train_data.topk_ids.shape[1] == 0 else None
     if accelerator.is_main_process:
@@ -736,20 +761,27 @@ def train(s: TrainSettings) -> dict[str, float]:
         optimizer_step(accelerator, losses["loss"], model.parameters(), optimizer)
         step += 1
         out_of_time = progress.after_step(step, lr, losses)
-        if step % s.eval_steps == 0 or step == s.max_steps or out_of_time:
+        if due(step, s.eval_steps, s, out_of_time):
             if accelerator.is_main_process:
                 last_eval = evaluate(accelerator.unwrap_model(model), held, s, vocab, teacher, pad_id,
                                      accelerator.device)
                 _append_log(log_path, {"step": step, **{k: round(v, 5) for k, v in last_eval.items()}})
-        if step % s.save_steps == 0 or step == s.max_steps or out_of_time:
+        if due(step, s.save_steps, s, out_of_time):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(accelerator, model, tokenizer, vocab, optimizer, step, progress.elapsed(), s)
+                unwrapped = accelerator.unwrap_model(model)
+                folder = out_dir / f"{CHECKPOINT_PREFIX}{step}"
+                save_model_folder(unwrapped, tokenizer, vocab, folder, s.save_dtype, s)
+                write_training_state(folder, step, progress.elapsed(), optimizer,
+                                     None if s.save_dtype == "float32" else
+                                     {k: v.detach().float() for k, v in unwrapped.state_dict().items()})
         if out_of_time:
             break
     progress.bar.close()
     if s.final_dir and accelerator.is_main_process:
-        export_final(accelerator.unwrap_model(model), tokenizer, vocab, s, last_eval)
+        unwrapped = accelerator.unwrap_model(model)
+        export_final(lambda folder: save_model_folder(unwrapped, tokenizer, vocab, folder, s.save_dtype, s), s,
+                     last_eval)
     return last_eval
 
 
@@ -813,12 +845,13 @@ def _append_log(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def export_final(model, tokenizer, vocab, s: TrainSettings, metrics: dict[str, float]) -> None:
-    """The shipped folder: the model in save_dtype, its settings, loss log and held-out metrics, no optimizer."""
+def export_final(save_folder: Callable[[Path], None], s: TrainSettings, metrics: dict[str, float]) -> None:
+    """The shipped folder --final-dir, written anew: the model (`save_folder(folder)` writes it), its settings,
+    loss log and held-out metrics, no optimizer."""
     folder = Path(s.final_dir)
     if folder.exists():
         shutil.rmtree(folder)
-    save_model_folder(model, tokenizer, vocab, folder, s.save_dtype, s)
+    save_folder(folder)
     for name in (LOSS_LOG, "data_info.json"):
         src = Path(s.output_dir) / name
         if src.is_file():

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from engine.decoder import DecodeResult, Drafter, StepTimer, autoregressive_generate, check_capacity, speculative_generate
 from engine.model import TreeModel
-from engine.prompt_lookup import PromptLookupDrafter
+from engine.prompt_lookup import with_prompt_lookup
 from engine.sampling import Sampling
 from utils.data import Prompt
 from utils.errors import UserError
@@ -191,8 +191,7 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     prompts = load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len)  # fail fast on bad data
     pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, args.device, args.M, tokenizer)
     drafter = None if args.Mode == "baseline" else make_drafter(pair, sampling, SAMPLED_CHILDREN[verifier])
-    if drafter is not None and lookup:
-        drafter = PromptLookupDrafter(drafter, lookup, args.lookup_ngram)
+    drafter = with_prompt_lookup(drafter, lookup, args.lookup_ngram)
     settings = RunSettings(args.Mode, sampling, verifier, args.max_new_tokens, args.seed,
                            record_shapes=getattr(args, "record_shapes", False))
     records = run_prompts(pair, drafter, prompts, settings, tree_size)

@@ -12,9 +12,11 @@ prediction of its parent's feature (a cheap form of EAGLE-3's training-time test
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -129,17 +131,23 @@ def compute_features(target_hf, tokens: np.ndarray, spans: list[tuple[int, int]]
     return out, starts
 
 
-def cached_features(target_hf, tokens: np.ndarray, spans: list[tuple[int, int]], batch_size: int,
-                    path: Path) -> tuple[torch.Tensor, np.ndarray]:
-    """compute_features, saved to `path` and reused when the spans and the target are the same."""
+def feature_target_loader(target: str | None) -> Callable[[], torch.nn.Module]:
+    """A loader of the target in FEATURE_DTYPE that loads it at most once, and only if a cache misses."""
+    return functools.cache(lambda: load_hf_model(target, FEATURE_DTYPE, "cpu"))
+
+
+def cached_features(target: str | None, load_target: Callable[[], torch.nn.Module], tokens: np.ndarray,
+                    spans: list[tuple[int, int]], batch_size: int, path: Path) -> tuple[torch.Tensor, np.ndarray]:
+    """compute_features, saved to `path` and reused when the spans and the target (`target`, the name that
+    `load_target` loads) are the same."""
     key = {"spans": len(spans), "tokens": int(sum(b - a for a, b in spans)),
            "checksum": int(sum(int(tokens[a]) * (i + 1) for i, (a, _) in enumerate(spans)) % (1 << 61)),
-           "target": resolve_model_path(getattr(target_hf, "name_or_path", None) or None)}
+           "target": resolve_model_path(target)}
     if path.is_file():
         saved = torch.load(path, weights_only=False)
         if saved.get("key") == key:
             return saved["features"], saved["starts"]
-    features, starts = compute_features(target_hf, tokens, spans, batch_size)
+    features, starts = compute_features(load_target(), tokens, spans, batch_size)
     tmp = path.with_suffix(".tmp")
     torch.save({"key": key, "features": features, "starts": starts}, tmp)
     tmp.replace(path)
@@ -248,7 +256,7 @@ def evaluate_feature_draft_only(s) -> dict[str, float]:
     net, head_list = load_feature_net(resolve_model_path(s.init), target)
     spans = dt.windows(held, s.seq_len)
     Path(s.output_dir).mkdir(parents=True, exist_ok=True)
-    features, starts = cached_features(load_hf_model(s.target, FEATURE_DTYPE, "cpu"), held.tokens, spans,
+    features, starts = cached_features(s.target, feature_target_loader(s.target), held.tokens, spans,
                                        s.batch_size, Path(s.output_dir) / ("heldout_" + FEATURE_CACHE))
     head_ids = None if head_list is None else torch.tensor(head_list)
     return evaluate_features(net, target.lm_head.weight.detach(), head_ids, held.tokens, spans, features, starts,
@@ -266,17 +274,12 @@ def train_feature_draft(s) -> dict[str, float]:
     accelerator = Accelerator(mixed_precision=s.mixed_precision if s.mixed_precision != "no" else "no")
     torch.manual_seed(s.seed)
     out_dir = Path(s.output_dir)
-    found = dt.checkpoints(out_dir) if s.resume else []
-    if s.resume and not found:
-        raise UserError(f"--resume: no complete checkpoint-N folder in {out_dir}")
-    if not s.resume and dt.checkpoints(out_dir):
-        raise UserError(f"{out_dir} already holds checkpoints: pass --resume to continue, or another --output-dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    found = dt.prepare_output_dir(s)
     tokenizer = load_tokenizer(s.target)
     data = dt.load_training_data(s, tokenizer)
     train_data, held = dt.split_rows(data, s.eval_rows, s.seed)
-    # features in FEATURE_DTYPE; the full-precision head and embedding come from a float32 copy
-    target_bf16 = load_hf_model(s.target, FEATURE_DTYPE, "cpu")
+    # features in FEATURE_DTYPE (that copy is loaded only if a feature cache misses); the full-precision head
+    # and embedding come from a float32 copy
     target = load_hf_model(s.target, torch.float32, "cpu")
     init = found[-1] if found else s.init
     if init is not None:
@@ -285,12 +288,7 @@ def train_feature_draft(s) -> dict[str, float]:
         vocab = load_draft_vocab(str(init))
         coverage = None
     else:
-        vocab, coverage = None, 1.0
-        target_vocab = len(tokenizer)
-        if s.vocab_subset and s.vocab_subset < target_vocab:
-            oov = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.all_special_ids[0]
-            vocab, coverage = dt.choose_vocab(train_data, s.vocab_subset, target_vocab,
-                                              list(tokenizer.all_special_ids), oov)
+        vocab, coverage = dt.choose_subset(s, tokenizer, train_data)
         head_list = vocab.draft_to_target if vocab is not None else None
         config = feature_config(target.config, s.num_layers or 1, s.intermediate_size)
         net = FeatureDraftNet(config, target.get_input_embeddings().weight, head_weight(target, head_list))
@@ -298,25 +296,20 @@ def train_feature_draft(s) -> dict[str, float]:
     full_head = target.lm_head.weight.detach()
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
-                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                                  lr=s.lr, betas=(0.9, 0.95))
-    step, elapsed_before = 0, 0.0
-    if found:
-        state = torch.load(found[-1] / dt.STATE_FILE, weights_only=False)
-        net.load_state_dict(state["model_fp32"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        step, elapsed_before = int(state["step"]), float(state.get("elapsed_s", 0.0))
+    optimizer = dt.adamw(params, s, betas=(0.9, 0.95))
+    # the stored float32 weights are the trainable ones only (strict=False: embedding and head are the target's)
+    step, elapsed_before = dt.restore_training_state(found[-1], net, optimizer, strict=False) if found else (0, 0.0)
 
     spans = dt.windows(train_data, s.seq_len)
     held_spans = dt.windows(held, s.seq_len)
     if not spans:
         raise UserError("the training data has no window with a label: use more or longer texts")
-    features, starts = cached_features(target_bf16, train_data.tokens, spans, s.batch_size, out_dir / FEATURE_CACHE)
-    held_features, held_starts = cached_features(target_bf16, held.tokens, held_spans, s.batch_size,
+    load_target = feature_target_loader(s.target)
+    features, starts = cached_features(s.target, load_target, train_data.tokens, spans, s.batch_size,
+                                       out_dir / FEATURE_CACHE)
+    held_features, held_starts = cached_features(s.target, load_target, held.tokens, held_spans, s.batch_size,
                                                  out_dir / ("heldout_" + FEATURE_CACHE))
-    del target_bf16
+    del load_target
     noise_std = s.feature_noise * float(features[:100_000].float().std())
     net, optimizer = accelerator.prepare(net, optimizer)
     unwrapped = accelerator.unwrap_model(net)
@@ -367,27 +360,19 @@ def train_feature_draft(s) -> dict[str, float]:
         dt.optimizer_step(accelerator, losses["loss"], params, optimizer)
         step += 1
         out_of_time = progress.after_step(step, lr, losses)
-        if (step % s.eval_steps == 0 or step == s.max_steps or out_of_time) and accelerator.is_main_process:
+        if dt.due(step, s.eval_steps, s, out_of_time) and accelerator.is_main_process:
             last_eval = evaluate()
             dt._append_log(log_path, {"step": step, **{k: round(v, 5) for k, v in last_eval.items()}})
-        if step % s.save_steps == 0 or step == s.max_steps or out_of_time:
+        if dt.due(step, s.save_steps, s, out_of_time):
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 folder = out_dir / f"{dt.CHECKPOINT_PREFIX}{step}"
                 save(folder)
-                state = {"step": step, "elapsed_s": progress.elapsed(), "optimizer": optimizer.state_dict(),
-                         "torch_rng": torch.get_rng_state(),
-                         "model_fp32": {k: v.detach().float() for k, v in unwrapped.trainable_state_dict().items()}}
-                torch.save(state, folder / (dt.STATE_FILE + ".tmp"))
-                (folder / (dt.STATE_FILE + ".tmp")).replace(folder / dt.STATE_FILE)
+                dt.write_training_state(folder, step, progress.elapsed(), optimizer,
+                                        {k: v.detach().float() for k, v in unwrapped.trainable_state_dict().items()})
         if out_of_time:
             break
     progress.bar.close()
     if s.final_dir and accelerator.is_main_process:
-        final = Path(s.final_dir)
-        save(final)
-        for name in (dt.LOSS_LOG, "data_info.json"):
-            if (out_dir / name).is_file():
-                (final / name).write_text((out_dir / name).read_text())
-        (final / "heldout_metrics.json").write_text(json.dumps(last_eval, indent=1))
+        dt.export_final(save, s, last_eval)
     return last_eval

@@ -31,7 +31,7 @@ from engine.growmap import Growmap, GrowmapError, chain, format_tree, from_paren
 from engine.tree_search import LatencyProfile, check_acceptance, choose_budget, expected_accepted, \
     sequoia_dp
 from utils.cli import OneLineParser, add_model_flags, add_prompt_flags
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 from utils.report import wall_clock, write_json
 
 MAX_NODES = 4096  # larger trees cost more to verify than they can return; also bounds the [n, n] mask
@@ -52,14 +52,7 @@ def load_acceptance(path: str, drop_last: bool = False) -> list[float]:
         raise UserError(f"acceptance file not found: {path}")
     try:
         if file.suffix == ".json":
-            data = json.loads(file.read_text())
-            if isinstance(data, dict):
-                if "acceptance" not in data:
-                    raise ValueError('a JSON object needs the key "acceptance"')
-                data = data["acceptance"]
-            if not isinstance(data, list):
-                raise ValueError("expected a list of probabilities")
-            values = [float(x) for x in data]
+            values = _json_vector(json.loads(file.read_text()), "acceptance", required=True)
         elif file.suffix == ".pt":
             data = torch.load(file, map_location="cpu", weights_only=True)
             if not isinstance(data, torch.Tensor) or data.ndim != 1:
@@ -70,12 +63,24 @@ def load_acceptance(path: str, drop_last: bool = False) -> list[float]:
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"cannot read acceptance vector {path}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot read acceptance vector {path}: {first_line(exc)}") from exc
     return _checked_vector(values, path, drop_last)
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+def _json_vector(data, key: str, required: bool) -> list[float] | None:
+    """A probability list from parsed JSON: `data[key]` of an object (None if absent and not `required`),
+    or, for the required vector only, `data` itself when it is a bare list."""
+    if isinstance(data, dict):
+        if key not in data:
+            if required:
+                raise ValueError(f'a JSON object needs the key "{key}"')
+            return None
+        data = data[key]
+    elif not required:
+        return None
+    if not isinstance(data, list):
+        raise ValueError(f'"{key}": expected a list of probabilities')
+    return [float(x) for x in data]
 
 
 def _checked_vector(values: list[float], path: str | Path, drop_last: bool) -> list[float]:
@@ -107,16 +112,10 @@ def load_root_acceptance(path: str, drop_last: bool = False) -> list[float] | No
     if not source.is_file():
         return None
     try:
-        data = json.loads(source.read_text())
-        values = data.get("root_acceptance") if isinstance(data, dict) else None
-        if values is None:
-            return None
-        if not isinstance(values, list):
-            raise ValueError('"root_acceptance" must be a list of probabilities')
-        values = [float(x) for x in values]
+        values = _json_vector(json.loads(source.read_text()), "root_acceptance", required=False)
     except Exception as exc:
-        raise UserError(f"cannot read the root acceptance vector in {source}: {_first_line(exc)}") from exc
-    return _checked_vector(values, source, drop_last)
+        raise UserError(f"cannot read the root acceptance vector in {source}: {first_line(exc)}") from exc
+    return None if values is None else _checked_vector(values, source, drop_last)
 
 
 def load_vectors(args: argparse.Namespace) -> tuple[list[float], list[float] | None, dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = "smollm2-135m-instruct"
@@ -108,7 +108,7 @@ def _from_hub_or_folder(loader, name: str, **kwargs):
         return loader(name, **kwargs)
     except OSError as exc:
         if Path(name).exists():
-            raise UserError(f"cannot load {name}: {str(exc).splitlines()[0]}") from exc
+            raise UserError(f"cannot load {name}: {first_line(exc)}") from exc
         raise UserError(f"cannot load '{name}': not a local path, and the Hugging Face hub is unreachable "
                         "or has no such model (pass a local folder or .gguf file instead)") from exc
 
