@@ -25,21 +25,14 @@ class RecordingDrafter:
 
     def __init__(self, inner: DynamicTreeDrafter) -> None:
         self.inner, self.trees = inner, []
-        self.uses_target_features = inner.uses_target_features
 
-    def record_target_features(self, start_slot: int, features: torch.Tensor) -> None:
-        self.inner.record_target_features(start_slot, features)
-
-    def reset(self) -> None:
-        self.inner.reset()
+    def __getattr__(self, name: str):  # everything but `propose` is the wrapped drafter's
+        return getattr(self.inner, name)
 
     def propose(self, committed: torch.Tensor, generator: torch.Generator) -> CandidateTree:
         tree = self.inner.propose(committed, generator)
         self.trees.append(tree)
         return tree
-
-    def accept(self, path: list[int]) -> None:
-        self.inner.accept(path)
 
 
 

@@ -124,13 +124,16 @@ class DistillSettings:
         Fields added after the first version enter the hash only when set away from their default, so the
         caches written before they existed keep their keys."""
         data = asdict(self) | {"target": resolve_model_path(self.target), "version": 1}
-        if self.text_style == "seeds":
-            del data["text_style"]
+        for name in LATER_FIELDS:
+            if data[name] == DistillSettings.__dataclass_fields__[name].default:
+                del data[name]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def folder(self) -> Path:
         return cache_dir() / "distill" / self.key()
 
+
+LATER_FIELDS = ("text_style",)  # DistillSettings fields added after the first version (see `key`)
 
 DISTILL_MIXES = {
     "chat": DistillSettings(),
