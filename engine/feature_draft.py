@@ -26,6 +26,7 @@ from torch import nn
 from engine.model import TreeModel, decoder_stack
 
 FEATURE_DRAFT_KEY = "treespec_feature_draft"  # config.json entry that marks a feature draft folder
+FROZEN_PREFIXES = ("embed.", "head.")  # the target's embedding and LM head: never trained, never saved
 
 
 class FeatureDraftNet(nn.Module):
@@ -54,7 +55,7 @@ class FeatureDraftNet(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The draft's own weights (what a checkpoint stores): everything but the target's embedding and head."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("embed.", "head."))}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
 
     def fuse(self, token_ids: torch.Tensor, prev_features: torch.Tensor) -> torch.Tensor:
         """[..., n] target ids and [..., n, d] features -> [..., n, d] decoder input."""

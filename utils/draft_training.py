@@ -745,9 +745,11 @@ def train(s: TrainSettings) -> dict[str, float]:
     log_path = out_dir / LOSS_LOG
     progress = TrainProgress(s, step, elapsed_before, per_epoch, log_path, accelerator.is_main_process)
     last_eval: dict[str, float] = {}
+    planned_epoch = -1
     while step < s.max_steps:
         epoch, index = divmod(step, per_epoch)
-        batches = epoch_batches(spans, s.batch_size * world, s.seed, epoch)
+        if epoch != planned_epoch:  # an epoch's batches are planned once, not every step
+            batches, planned_epoch = epoch_batches(spans, s.batch_size * world, s.seed, epoch), epoch
         global_batch = batches[index]
         mine = global_batch[rank::world] or global_batch[:1]
         batch = _to(make_batch(train_data, [spans[i] for i in mine], vocab_map, owned, pad_id), accelerator.device)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.feature_draft import FEATURE_DRAFT_KEY, FeatureDraftNet, shift_features
+from engine.feature_draft import FEATURE_DRAFT_KEY, FROZEN_PREFIXES, FeatureDraftNet, shift_features
 from utils.errors import UserError
 from utils.models import DraftVocab, load_draft_vocab, load_hf_model, load_tokenizer, resolve_model_path
 
@@ -72,7 +72,7 @@ def load_feature_net(folder: str | Path, target_hf,
     net = FeatureDraftNet(config, target_hf.get_input_embeddings().weight, head_weight(target_hf, head_ids))
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("embed.", "head.", "rotary_emb."))]
+    missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
     if missing or unexpected:
         raise UserError(f"feature draft {folder}: weights do not match its config (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
@@ -335,9 +335,12 @@ def train_feature_draft(s) -> dict[str, float]:
     def save(folder: Path) -> None:
         save_feature_folder(unwrapped, tokenizer, vocab, folder, s.save_dtype, settings)
 
+    planned_epoch = -1
     while step < s.max_steps:
         epoch, index = divmod(step, per_epoch)
-        global_batch = dt.epoch_batches(spans, s.batch_size * world, s.seed, epoch)[index]
+        if epoch != planned_epoch:  # an epoch's batches are planned once, not every step
+            batches, planned_epoch = dt.epoch_batches(spans, s.batch_size * world, s.seed, epoch), epoch
+        global_batch = batches[index]
         mine = global_batch[rank::world] or global_batch[:1]
         ids, feats, valid = (t.to(accelerator.device) for t in feature_batch(train_data.tokens, spans, features,
                                                                              starts, mine))
