@@ -93,7 +93,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from utils.draft_training import settings_fields
+    from utils.training.settings import settings_fields
 
     parser = OneLineParser(prog="pretrain_draft_model.py", description=__doc__.splitlines()[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from utils.draft_training import TrainSettings, evaluate_only, measure_cost, train
+        from utils.training import evaluate_only, train
+        from utils.training.settings import TrainSettings
+        from utils.training.cost import measure_cost
 
         if args.measure_cost:
             for row in measure_cost(args.measure_cost, args.target):

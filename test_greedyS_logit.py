@@ -1,5 +1,5 @@
 """Draft potential measured in advance: teacher-forced forwards of each draft and the target over the same
-text, compared position by position (utils/potential.py defines every figure). Nothing is decoded, so a
+text, compared position by position (utils/potential/figures.py defines every figure). Nothing is decoded, so a
 draft can be judged before any tree is tuned for it.
 
 Per draft: potential score = mean smoothed KL(target || draft) per position, in nats (lower = stronger),
@@ -20,7 +20,7 @@ from utils.data import load_prompts
 from utils.errors import UserError
 from utils.experiment import load_draft, load_pair
 from utils.models import load_tokenizer
-from utils.potential_report import report, score_prompts
+from utils.potential.report import report, score_prompts
 from utils.report import emit, hardware, library_versions, write_results
 
 SCRIPT = "test_greedyS_logit"

@@ -13,7 +13,7 @@ import torch
 
 from engine.feature_draft import shift_features
 from engine.growmap import Growmap
-from engine.model import TreeModel
+from engine.model import TreeModel, to_target_vocab
 from engine.sampling import Sampling, probs_from_logits, sample_without_replacement
 from engine.tree import CandidateTree
 from engine.tree_mask import causal_mask, tree_attention_mask
@@ -155,11 +155,7 @@ def draft_children(draft: TreeModel, logits: torch.Tensor, count: int, sampling:
         return draft.to_target_ids(logits.topk(count, dim=-1).indices), None
     probs = probs_from_logits(logits, sampling)
     picks = sample_without_replacement(probs, count, generator)
-    if draft.output_ids is not None:
-        full = torch.zeros(probs.shape[0], draft.target_vocab_size, device=probs.device)
-        full[:, draft.output_ids] = probs
-        probs = full
-    return draft.to_target_ids(picks), probs
+    return draft.to_target_ids(picks), to_target_vocab(probs, draft.output_ids, draft.target_vocab_size, 0.0)
 
 
 @dataclass(frozen=True)

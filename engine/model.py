@@ -138,3 +138,17 @@ def decoder_stack(layers: list[nn.Module], hidden: torch.Tensor, rotary: nn.Modu
         hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden
+
+
+def to_target_vocab(draft_values: torch.Tensor, output_ids: torch.Tensor | None, target_vocab_size: int,
+                    fill: float) -> torch.Tensor:
+    """Scatter a subset draft's columns into the target vocabulary, `fill` elsewhere.
+
+    draft_values: [n, Vd] over the draft's own vocabulary; output_ids: [Vd] long target ids (None = the
+    draft already uses the target's vocabulary). Returns [n, target_vocab_size].
+    """
+    if output_ids is None:
+        return draft_values
+    full = draft_values.new_full((draft_values.shape[0], target_vocab_size), fill)
+    full[:, output_ids] = draft_values
+    return full

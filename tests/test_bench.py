@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_llama
-from utils import bench
-from utils.bench_methods import METHODS, Run, rotated
+from utils.bench import compare as bench
+from utils.bench.methods import METHODS, Run, rotated
 from utils.models import REPO_ROOT, DraftVocab
 
 FIGURE_KEYS = {"tokens_per_second", "ms_per_token", "mean_accepted_tokens", "speedup_vs_generate",

@@ -19,9 +19,12 @@ from engine.sampling import Sampling
 from tests.conftest import REPO_ROOT
 from tests.test_pretrain import read_log, tiny_settings
 from tests.tiny_models import random_prompt, tiny_llama
-from utils.draft_training import TrainSettings, checkpoints, train
+from utils.training import train
+from utils.training.settings import TrainSettings
+from utils.training.common import checkpoints
 from utils.errors import UserError
-from utils.feature_training import feature_config, load_feature_net
+from utils.models import load_feature_net
+from utils.training.feature_loop import feature_config
 
 GREEDY = Sampling(0.0, 1.0)
 
@@ -131,7 +134,7 @@ def test_feature_draft_for_another_target_is_refused(tmp_path, tiny_target, text
 
 
 def test_measure_cost_times_a_feature_draft_through_the_engine(tmp_path, tiny_target, text_file):
-    from utils.draft_training import measure_cost
+    from utils.training.cost import measure_cost
 
     out = tmp_path / "run"
     train(feature_settings(out, tiny_target, text_file, max_steps=5, save_steps=5))
@@ -141,7 +144,8 @@ def test_measure_cost_times_a_feature_draft_through_the_engine(tmp_path, tiny_ta
 
 
 def test_eval_only_and_token_loaders_know_a_feature_draft(tmp_path, tiny_target, text_file):
-    from utils.draft_training import evaluate_only, load_init
+    from utils.training import evaluate_only
+    from utils.training.token_loop import load_init
     from utils.models import load_hf_model, load_tokenizer
 
     out = tmp_path / "run"

@@ -22,8 +22,11 @@ from engine.sampling import Sampling
 from engine.tree_search import expected_accepted, sequoia_dp
 from tests.tiny_models import tiny_llama
 from utils import growmap_tool
+from utils.growmap_tool.measure import in_target_vocab, prompt_counts, tree_inputs
+from utils.growmap_tool.vectors import load_root_acceptance
 from utils.errors import UserError
-from utils.feature_training import feature_config, load_feature_net, save_feature_folder
+from utils.models import load_feature_net
+from utils.training.feature_loop import feature_config, save_feature_folder
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -252,7 +255,7 @@ def test_acceptance_cli_measures_a_feature_draft_at_the_root_and_below(tiny_pair
     best = record["sequoia_best_tokens_per_step_10_levels"]["16"]
     assert best == pytest.approx(sequoia_dp(record["acceptance"], 16, 10, root).value(16, 10))
     # the .pt picks up the root vector from the .json beside it
-    assert growmap_tool.load_root_acceptance(str(vec_path)) == pytest.approx(root)
+    assert load_root_acceptance(str(vec_path)) == pytest.approx(root)
     out = tmp_path / "tree.pt"
     assert growmap_tool.main(["search", "--acceptance", str(vec_path), "--budget", "8", "--max-depth", "4",
                               "-o", str(out)]) == 0
@@ -268,7 +271,7 @@ def test_prompt_counts_of_a_feature_draft_measure_both_regimes(tiny_pair, featur
     net, _ = load_feature_net(feature_draft_dir, target_hf)
     draft = FeatureDraftModel(net, 64, None)
     prompt, steps, width, greedy = list(range(5, 15)), 12, 4, Sampling(0.0)
-    measured = growmap_tool.prompt_counts(SimpleNamespace(target=target, draft=draft, eos_ids=set()), prompt, steps,
+    measured = prompt_counts(SimpleNamespace(target=target, draft=draft, eos_ids=set()), prompt, steps,
                                           width, greedy, gen())
     continuation = autoregressive_generate(target, prompt, steps, set(), greedy, gen()).output_ids
     tokens = torch.tensor(prompt + continuation[:-1])
@@ -277,10 +280,10 @@ def test_prompt_counts_of_a_feature_draft_measure_both_regimes(tiny_pair, featur
     fed, predicted = teacher_forced_logits(draft, tokens, rows, features, return_hidden=True)
     self_fed = teacher_forced_logits(draft, tokens, rows, predicted)
     for counts, own_logits in ((measured.deep, self_fed), (measured.root, fed)):
-        draft_logits = growmap_tool.in_target_vocab(draft, own_logits)
+        draft_logits = in_target_vocab(draft, own_logits)
         assert torch.equal(counts, acceptance_counts(target_logits, draft_logits, width, greedy, gen()))
     plain = TreeModel(LlamaForCausalLM.from_pretrained(tiny_pair[1]), 64)
-    sampled = growmap_tool.prompt_counts(SimpleNamespace(target=target, draft=plain, eos_ids=set()), prompt, steps,
+    sampled = prompt_counts(SimpleNamespace(target=target, draft=plain, eos_ids=set()), prompt, steps,
                                          width, Sampling(0.8, 0.9), gen(1))
     assert sampled.root is None and int(sampled.deep.sum()) == steps
 
@@ -313,18 +316,18 @@ def test_search_build_inspect_use_a_root_vector(tmp_path, capsys):
 def test_load_root_acceptance(tmp_path, capsys):
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps([0, 0.5, 0.2]))
-    assert growmap_tool.load_root_acceptance(str(plain)) is None
+    assert load_root_acceptance(str(plain)) is None
     keyed = tmp_path / "keyed.json"
     keyed.write_text(json.dumps({"acceptance": [0, 0.5, 0.2], "root_acceptance": [0, 0.7, 0.2, 0.1]}))
-    assert growmap_tool.load_root_acceptance(str(keyed)) == pytest.approx([0, 0.7, 0.2, 0.1])
-    assert growmap_tool.load_root_acceptance(str(keyed), drop_last=True) == pytest.approx([0, 0.7, 0.2])
+    assert load_root_acceptance(str(keyed)) == pytest.approx([0, 0.7, 0.2, 0.1])
+    assert load_root_acceptance(str(keyed), drop_last=True) == pytest.approx([0, 0.7, 0.2])
     lone = tmp_path / "lone.pt"
     torch.save(torch.tensor([0, 0.5, 0.2], dtype=torch.float64), lone)
-    assert growmap_tool.load_root_acceptance(str(lone)) is None  # no .json beside it
+    assert load_root_acceptance(str(lone)) is None  # no .json beside it
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"acceptance": [0, 0.5], "root_acceptance": [0, 0.9, 0.9]}))
     with pytest.raises(UserError, match="bad.json"):
-        growmap_tool.load_root_acceptance(str(bad))
+        load_root_acceptance(str(bad))
     assert growmap_tool.main(["search", "--acceptance", str(bad), "--budget", "4", "-o", str(tmp_path / "x.pt")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
@@ -360,7 +363,7 @@ def test_latency_cli_feeds_search(tiny_pair, tmp_path):
 
 @pytest.mark.parametrize("shape", ["random", "chain"])
 def test_tree_inputs_are_valid_trees(shape):
-    tokens, positions, slots, mask = growmap_tool.tree_inputs(9, 5, 50, shape, gen(3), "cpu")
+    tokens, positions, slots, mask = tree_inputs(9, 5, 50, shape, gen(3), "cpu")
     assert tokens.shape == positions.shape == slots.shape == (9,)
     assert mask.shape == (9, 14) and bool(mask[:, :5].all())
     tree = mask[:, 5:]

@@ -1,4 +1,4 @@
-"""Draft potential (utils/potential.py, test_greedyS_logit.py): the two edge cases (draft = target, random
+"""Draft potential (utils/potential/figures.py, test_greedyS_logit.py): the two edge cases (draft = target, random
 draft), a hand computation on a tiny model, subset vocabularies, and the command line."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from engine.tree_mask import causal_mask
 from tests.tiny_models import random_prompt, tiny_llama
 from utils.cli import EXIT_BAD_INPUT, run_cli
 from utils.models import DraftVocab
-from utils.potential import (DEFAULT_EPSILON, PromptFigures, draft_potential, position_figures, prompt_figures,
+from utils.potential.figures import (DEFAULT_EPSILON, PromptFigures, draft_potential, position_figures, prompt_figures,
                              rank_drafts)
 
 VOCAB = 32

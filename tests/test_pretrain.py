@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, build_tiny_tokenizer
-from utils.distill_data import DistillData
-from utils.draft_training import (IGNORE, TrainSettings, checkpoints, choose_vocab, draft_losses, evaluate_only,
-                                  make_batch, train, vocab_tables)
+from utils.training.distill_data import DistillData
+from utils.training import evaluate_only, train
+from utils.training.common import checkpoints
+from utils.training.settings import IGNORE, TrainSettings
+from utils.training.token_loop import draft_losses
+from utils.training.training_data import choose_vocab, make_batch, vocab_tables
 
 
 def tiny_settings(out: Path, target: Path, data: Path, **overrides) -> TrainSettings:
@@ -137,7 +140,7 @@ def test_batched_decoder_matches_transformers_greedy(tiny_target):
     """Left padding, the static cache, row pruning and the GQA attention change nothing at T=0."""
     from transformers import AutoModelForCausalLM
 
-    from utils.distill_data import GQA_ATTENTION, decode_batch, register_gqa_attention
+    from utils.training.distill_data import GQA_ATTENTION, decode_batch, register_gqa_attention
 
     register_gqa_attention()
     fast = AutoModelForCausalLM.from_pretrained(tiny_target, attn_implementation=GQA_ATTENTION).eval()
@@ -155,7 +158,7 @@ def test_batched_decoder_matches_transformers_greedy(tiny_target):
 
 def test_distill_shard_from_a_tiny_target(tiny_target, tmp_path, monkeypatch):
     """A shard has aligned per-token arrays; the teacher covers only target-written tokens."""
-    from utils.distill_data import DistillSettings, ensure_distill_data, load_distill_data
+    from utils.training.distill_data import DistillSettings, ensure_distill_data, load_distill_data
 
     monkeypatch.setenv("TREESPEC_CACHE", str(tmp_path))
     settings = DistillSettings(target=str(tiny_target), batch_size=6, max_new_tokens=8, instruction_max_tokens=6,

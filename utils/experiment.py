@@ -15,7 +15,7 @@ from engine.sampling import Sampling
 from utils.data import Prompt
 from utils.errors import UserError
 from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, is_feature_draft, load_draft_vocab,
-                          load_hf_model, load_tokenizer, resolve_model_path)
+                          load_feature_net, load_hf_model, load_tokenizer, resolve_model_path)
 
 
 WARMUP_TOKENS = 4  # new tokens of the untimed warm-up call before timed runs
@@ -55,7 +55,6 @@ def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dty
                         "./outputs/checkpoint-500/, or a .gguf file)")
     if is_feature_draft(name):
         from engine.feature_draft import FeatureDraftModel
-        from utils.feature_training import load_feature_net
 
         net, head_ids = load_feature_net(resolve_model_path(name), target.hf_model, dtype)
         return name, FeatureDraftModel(net.to(device), max_len, None if head_ids is None else torch.tensor(head_ids))

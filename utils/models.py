@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from engine.feature_draft import FROZEN_PREFIXES, FeatureDraftNet
 from utils.errors import UserError, first_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -204,3 +205,37 @@ def check_vocab_match(draft_vocab_size: int, target_vocab_size: int, draft_name:
     if draft_vocab_size != target_vocab_size:
         raise UserError(f"draft {draft_name} has a vocabulary of {draft_vocab_size} tokens but target "
                         f"{target_name} has {target_vocab_size}: the draft must share the target's tokenizer")
+
+
+def head_weight(target_hf, head_ids: list[int] | None) -> torch.Tensor:
+    """The target's LM-head rows a feature draft predicts over (all of them, or its vocabulary subset's)."""
+    weight = target_hf.lm_head.weight.detach()
+    return weight if head_ids is None else weight[torch.tensor(head_ids)]
+
+
+def load_feature_net(folder: str | Path, target_hf,
+                     dtype: torch.dtype = torch.float32) -> tuple[FeatureDraftNet, list[int] | None]:
+    """A saved feature draft wired to `target_hf`'s embedding and head (its vocabulary subset, if any)."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig
+
+    folder = Path(folder)
+    config = LlamaConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    vocab = load_draft_vocab(str(folder))
+    head_ids = vocab.draft_to_target if vocab is not None else None
+    target_vocab = target_hf.get_input_embeddings().weight.shape[0]
+    if vocab is not None and vocab.target_vocab_size != target_vocab:
+        raise UserError(f"feature draft {folder} was trained for a vocabulary of {vocab.target_vocab_size} tokens "
+                        f"but the target has {target_vocab}: it must be used with the target it was trained on")
+    if target_hf.config.hidden_size != config.hidden_size:
+        raise UserError(f"feature draft {folder} reads features of size {config.hidden_size} but the target's "
+                        f"hidden size is {target_hf.config.hidden_size}: use it with the target it was trained on")
+    net = FeatureDraftNet(config, target_hf.get_input_embeddings().weight, head_weight(target_hf, head_ids))
+    state = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
+    if missing or unexpected:
+        raise UserError(f"feature draft {folder}: weights do not match its config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    return net.to(dtype).eval(), head_ids
+

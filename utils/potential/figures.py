@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from engine.model import to_target_vocab
 from engine.sampling import Sampling, probs_from_logits
 
 DEFAULT_EPSILON = 1e-6
@@ -50,20 +51,6 @@ def decoder_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     acceptance above 1 for a draft equal to the target."""
     probs = probs_from_logits(logits, sampling).double()
     return probs / probs.sum(dim=-1, keepdim=True)
-
-
-def to_target_vocab(draft_values: torch.Tensor, output_ids: torch.Tensor | None, target_vocab_size: int,
-                    fill: float) -> torch.Tensor:
-    """Scatter a subset draft's columns into the target vocabulary, `fill` elsewhere.
-
-    draft_values: [n, Vd] over the draft's own vocabulary; output_ids: [Vd] long target ids (None = the
-    draft already uses the target's vocabulary). Returns [n, target_vocab_size].
-    """
-    if output_ids is None:
-        return draft_values
-    full = draft_values.new_full((draft_values.shape[0], target_vocab_size), fill)
-    full[:, output_ids] = draft_values
-    return full
 
 
 def kl_per_position(target_logits: torch.Tensor, draft_logits: torch.Tensor, temperature: float,

@@ -1,7 +1,7 @@
 """Scoring drafts on prompts and reporting their potential (the body of test_greedyS_logit.py).
 
 Each prompt (optionally followed by the target's own greedy continuation) is run teacher-forced through the
-target and every draft once; utils/potential.py turns the logits into per-position figures, which are
+target and every draft once; utils/potential/figures.py turns the logits into per-position figures, which are
 averaged per prompt, then per draft, and ranked. Formatting and the result JSON live here too, so the script
 only parses flags, loads models and prompts, and calls `score_prompts` and `report`.
 """
@@ -18,7 +18,7 @@ from engine.model import TreeModel
 from engine.sampling import Sampling
 from utils.data import Prompt
 from utils.experiment import ModelPair
-from utils.potential import (DEFAULT_EPSILON, DraftPotential, PositionFigures, PromptFigures, distribution_sampling,
+from utils.potential.figures import (DEFAULT_EPSILON, DraftPotential, PositionFigures, PromptFigures, distribution_sampling,
                              draft_potential, position_figures, prompt_figures, rank_drafts)
 
 GREEDY = Sampling(0.0, 1.0)

@@ -7,7 +7,7 @@ Example:
 
 Writes <results-dir>/bench-<time>.json (+ .jsonl per prompt, .png speedup chart); the last output line is
 'results: <path>'. This module holds the flags, the statistics, the tie check, the table and the chart;
-preparing and running the methods lives in utils/bench_methods.py.
+preparing and running the methods lives in utils/bench/methods.py.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from engine.verifiers import VERIFIERS
-from utils.bench_methods import METHODS, PROMPT_LOOKUP_TOKENS, BenchSetup, DynamicShape, Run
+from utils.bench.methods import METHODS, PROMPT_LOOKUP_TOKENS, BenchSetup, DynamicShape, Run
 from utils.cli import OneLineParser, add_data_flags, add_lookup_flags, add_model_flags, run_cli, validate_common
 from utils.config import DEFAULTS, tree_limits
 from utils.data import Prompt
@@ -130,7 +130,7 @@ def collect_figures(methods: list[str], setup: BenchSetup, runs: dict[str, list[
     """Figures per method; at T = 0 also the exactness check. Each method is compared with transformers'
     generate in the method's own dtype (the timed run when generate ran in it, else an untimed reference run
     made here), and each divergence is tie-checked by a teacher-forced target forward in that dtype."""
-    from utils.bench_methods import next_token_logits
+    from utils.bench.methods import next_token_logits
 
     timed_dtype = setup.dtypes["generate"]
     references = {timed_dtype: runs["generate"]}
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     from engine.growmap import load_growmap
     from engine.sampling import Sampling
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
-    from utils.bench_methods import prepare_methods, run_alternating
+    from utils.bench.methods import prepare_methods, run_alternating
     from utils.cli import quiet_transformers, resolve_dtype
     from utils.data import load_prompts
     from utils.experiment import load_pair

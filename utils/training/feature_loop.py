@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,11 +23,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.feature_draft import FEATURE_DRAFT_KEY, FROZEN_PREFIXES, FeatureDraftNet, shift_features
+from engine.feature_draft import FEATURE_DRAFT_KEY, FeatureDraftNet, shift_features
 from utils.errors import UserError
-from utils.models import DraftVocab, load_draft_vocab, load_hf_model, load_tokenizer, resolve_model_path
+from utils.models import (DraftVocab, head_weight, load_draft_vocab, load_feature_net, load_hf_model, load_tokenizer,
+                          resolve_model_path)
+from utils.training.common import (LoopHooks, adamw, prepare_output_dir, restore_training_state, train_loop,
+                                   write_run_info)
+from utils.training.settings import TrainSettings, validate
+from utils.training.training_data import (check_tokenizer_match, choose_subset, heldout_coverage, load_training_data,
+                                          split_rows, windows)
 
 FEATURE_CACHE = "target_features.pt"
+
+
+FEATURE_DTYPE = torch.bfloat16  # targets features are computed in: the engine's CPU default (AMX), and compact
 
 
 def feature_config(target_config, num_layers: int, intermediate_size: int | None):
@@ -47,38 +55,6 @@ def feature_config(target_config, num_layers: int, intermediate_size: int | None
     return config
 
 
-def head_weight(target_hf, head_ids: list[int] | None) -> torch.Tensor:
-    weight = target_hf.lm_head.weight.detach()
-    return weight if head_ids is None else weight[torch.tensor(head_ids)]
-
-
-def load_feature_net(folder: str | Path, target_hf,
-                     dtype: torch.dtype = torch.float32) -> tuple[FeatureDraftNet, list[int] | None]:
-    """A saved feature draft wired to `target_hf`'s embedding and head (its vocabulary subset, if any)."""
-    from safetensors.torch import load_file
-    from transformers import LlamaConfig
-
-    folder = Path(folder)
-    config = LlamaConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    vocab = load_draft_vocab(str(folder))
-    head_ids = vocab.draft_to_target if vocab is not None else None
-    target_vocab = target_hf.get_input_embeddings().weight.shape[0]
-    if vocab is not None and vocab.target_vocab_size != target_vocab:
-        raise UserError(f"feature draft {folder} was trained for a vocabulary of {vocab.target_vocab_size} tokens "
-                        f"but the target has {target_vocab}: it must be used with the target it was trained on")
-    if target_hf.config.hidden_size != config.hidden_size:
-        raise UserError(f"feature draft {folder} reads features of size {config.hidden_size} but the target's "
-                        f"hidden size is {target_hf.config.hidden_size}: use it with the target it was trained on")
-    net = FeatureDraftNet(config, target_hf.get_input_embeddings().weight, head_weight(target_hf, head_ids))
-    state = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(FROZEN_PREFIXES)]
-    if missing or unexpected:
-        raise UserError(f"feature draft {folder}: weights do not match its config (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    return net.to(dtype).eval(), head_ids
-
-
 def save_feature_folder(net: FeatureDraftNet, tokenizer, vocab: DraftVocab | None, folder: Path, dtype: str,
                         settings: dict) -> None:
     """config.json (with the feature-draft marker), model.safetensors (the draft's own weights only),
@@ -95,10 +71,6 @@ def save_feature_folder(net: FeatureDraftNet, tokenizer, vocab: DraftVocab | Non
     if vocab is not None:
         vocab.save(folder)
     (folder / "train_settings.json").write_text(json.dumps(settings, indent=1))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Target features
 
 
 @torch.inference_mode()
@@ -152,10 +124,6 @@ def cached_features(target: str | None, load_target: Callable[[], torch.nn.Modul
     torch.save({"key": key, "features": features, "starts": starts}, tmp)
     tmp.replace(path)
     return features, starts
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Batches, loss, metrics
 
 
 def feature_batch(tokens: np.ndarray, spans: list[tuple[int, int]], features: torch.Tensor, starts: np.ndarray,
@@ -237,71 +205,78 @@ def evaluate_features(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: t
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Training
-
-
-FEATURE_DTYPE = torch.bfloat16  # targets features are computed in: the engine's CPU default (AMX), and compact
-
-
-def evaluate_feature_draft_only(s) -> dict[str, float]:
+def evaluate_feature_draft_only(s: TrainSettings) -> dict[str, float]:
     """`--eval-only` for a feature draft: held-out metrics of --init on the rows a training run with these
     data settings and --seed would have set aside (features cached in --output-dir)."""
-    from utils import draft_training as dt
-
     tokenizer = load_tokenizer(s.target)
-    dt.check_tokenizer_match(load_tokenizer(s.init), tokenizer, s.init, s.target)
-    _, held = dt.split_rows(dt.load_training_data(s, tokenizer), s.eval_rows, s.seed)
+    check_tokenizer_match(load_tokenizer(s.init), tokenizer, s.init, s.target)
+    _, held = split_rows(load_training_data(s, tokenizer), s.eval_rows, s.seed)
     target = load_hf_model(s.target, torch.float32, "cpu")
     net, head_list = load_feature_net(resolve_model_path(s.init), target)
-    spans = dt.windows(held, s.seq_len)
+    spans = windows(held, s.seq_len)
     Path(s.output_dir).mkdir(parents=True, exist_ok=True)
     features, starts = cached_features(s.target, feature_target_loader(s.target), held.tokens, spans,
                                        s.batch_size, Path(s.output_dir) / ("heldout_" + FEATURE_CACHE))
     head_ids = None if head_list is None else torch.tensor(head_list)
     return evaluate_features(net, target.lm_head.weight.detach(), head_ids, held.tokens, spans, features, starts,
                              s.batch_size, s.cls_weight) | {
-        "heldout_coverage": dt.heldout_coverage(held, load_draft_vocab(resolve_model_path(s.init)))}
+        "heldout_coverage": heldout_coverage(held, load_draft_vocab(resolve_model_path(s.init)))}
 
 
-def train_feature_draft(s) -> dict[str, float]:
+def feature_net_to_train(s: TrainSettings, target, tokenizer, train_data, init: str | Path | None):
+    """(net, vocabulary subset or None, coverage of the training tokens or None): continued from `init`
+    (a checkpoint or --init), else a fresh one-layer net on the target's embedding and head."""
+    if init is not None:
+        check_tokenizer_match(load_tokenizer(str(init)), tokenizer, str(init), s.target)
+        net, _ = load_feature_net(init, target)
+        return net, load_draft_vocab(str(init)), None
+    vocab, coverage = choose_subset(s, tokenizer, train_data)
+    head_list = vocab.draft_to_target if vocab is not None else None
+    config = feature_config(target.config, s.num_layers or 1, s.intermediate_size)
+    return FeatureDraftNet(config, target.get_input_embeddings().weight, head_weight(target, head_list)), vocab, coverage
+
+
+def self_fed_inputs(net, ids: torch.Tensor, feats: torch.Tensor, s: TrainSettings, step: int, noise_std: float,
+                    accelerator) -> torch.Tensor:
+    """The step's input features [b, n, d]: the target's features shifted by one, or (--self-feed, a share
+    of the steps) the draft's own predictions of them from a gradient-free pass, plus Gaussian noise.
+    The step's own random draws make a resumed run repeat them exactly."""
+    step_rng = torch.Generator(device=ids.device).manual_seed(s.seed * 1_000_003 + step)
+    prev = shift_features(feats)
+    if s.self_feed > 0 and random.Random(s.seed * 1_000_003 + step).random() < s.self_feed:
+        # the children of a non-root tree node read its *predicted* feature: train on that input too
+        with torch.no_grad(), accelerator.autocast():
+            prev = shift_features(net(ids, prev).to(feats.dtype))
+    noise = noise_std * torch.randn(prev.shape, generator=step_rng, device=ids.device)
+    noise[:, 0] = 0.0  # position 0's input feature is exactly zero at inference
+    return prev + noise.to(prev.dtype)
+
+
+def train_feature_draft(s: TrainSettings) -> dict[str, float]:
     """Train (or resume) a feature draft with TrainSettings `s`; returns the last held-out metrics."""
     from accelerate import Accelerator
 
-    from utils import draft_training as dt
-
-    dt.validate(s)
+    validate(s)
     accelerator = Accelerator(mixed_precision=s.mixed_precision if s.mixed_precision != "no" else "no")
     torch.manual_seed(s.seed)
     out_dir = Path(s.output_dir)
-    found = dt.prepare_output_dir(s)
+    found = prepare_output_dir(s)
     tokenizer = load_tokenizer(s.target)
-    data = dt.load_training_data(s, tokenizer)
-    train_data, held = dt.split_rows(data, s.eval_rows, s.seed)
+    train_data, held = split_rows(load_training_data(s, tokenizer), s.eval_rows, s.seed)
     # features in FEATURE_DTYPE (that copy is loaded only if a feature cache misses); the full-precision head
     # and embedding come from a float32 copy
     target = load_hf_model(s.target, torch.float32, "cpu")
-    init = found[-1] if found else s.init
-    if init is not None:
-        dt.check_tokenizer_match(load_tokenizer(str(init)), tokenizer, str(init), s.target)
-        net, head_list = load_feature_net(init, target)
-        vocab = load_draft_vocab(str(init))
-        coverage = None
-    else:
-        vocab, coverage = dt.choose_subset(s, tokenizer, train_data)
-        head_list = vocab.draft_to_target if vocab is not None else None
-        config = feature_config(target.config, s.num_layers or 1, s.intermediate_size)
-        net = FeatureDraftNet(config, target.get_input_embeddings().weight, head_weight(target, head_list))
-    head_ids = torch.tensor(head_list) if head_list is not None else None
+    net, vocab, coverage = feature_net_to_train(s, target, tokenizer, train_data, found[-1] if found else s.init)
+    head_ids = torch.tensor(vocab.draft_to_target) if vocab is not None else None
     full_head = target.lm_head.weight.detach()
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = dt.adamw(params, s, betas=(0.9, 0.95))
+    optimizer = adamw(params, s, betas=(0.9, 0.95))
     # the stored float32 weights are the trainable ones only (strict=False: embedding and head are the target's)
-    step, elapsed_before = dt.restore_training_state(found[-1], net, optimizer, strict=False) if found else (0, 0.0)
+    step, elapsed_before = restore_training_state(found[-1], net, optimizer, strict=False) if found else (0, 0.0)
 
-    spans = dt.windows(train_data, s.seq_len)
-    held_spans = dt.windows(held, s.seq_len)
+    spans = windows(train_data, s.seq_len)
+    held_spans = windows(held, s.seq_len)
     if not spans:
         raise UserError("the training data has no window with a label: use more or longer texts")
     load_target = feature_target_loader(s.target)
@@ -313,69 +288,25 @@ def train_feature_draft(s) -> dict[str, float]:
     noise_std = s.feature_noise * float(features[:100_000].float().std())
     net, optimizer = accelerator.prepare(net, optimizer)
     unwrapped = accelerator.unwrap_model(net)
-    settings = asdict(s)
     if accelerator.is_main_process:
-        (out_dir / dt.SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
-        info = {"train_rows": train_data.num_rows, "train_tokens": int(starts[-1]), "heldout_rows": held.num_rows,
-                "heldout_tokens": int(held_starts[-1]), "vocab_coverage_train": coverage,
-                "vocab_coverage_heldout": dt.heldout_coverage(held, vocab), "noise_std": noise_std,
-                "trained_parameters": sum(p.numel() for p in params)}
-        (out_dir / "data_info.json").write_text(json.dumps(info, indent=1))
+        write_run_info(out_dir, s, {
+            "train_rows": train_data.num_rows, "train_tokens": int(starts[-1]), "heldout_rows": held.num_rows,
+            "heldout_tokens": int(held_starts[-1]), "vocab_coverage_train": coverage,
+            "vocab_coverage_heldout": heldout_coverage(held, vocab), "noise_std": noise_std,
+            "trained_parameters": sum(p.numel() for p in params)})
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch = max(1, math.ceil(len(spans) / (s.batch_size * world)))
-    log_path = out_dir / dt.LOSS_LOG
-    progress = dt.TrainProgress(s, step, elapsed_before, per_epoch, log_path, accelerator.is_main_process)
-    last_eval: dict[str, float] = {}
-
-    def evaluate() -> dict[str, float]:
-        return evaluate_features(unwrapped, full_head, head_ids, held.tokens, held_spans, held_features, held_starts,
-                                 s.batch_size, s.cls_weight)
-
-    def save(folder: Path) -> None:
-        save_feature_folder(unwrapped, tokenizer, vocab, folder, s.save_dtype, settings)
-
-    planned_epoch = -1
-    while step < s.max_steps:
-        epoch, index = divmod(step, per_epoch)
-        if epoch != planned_epoch:  # an epoch's batches are planned once, not every step
-            batches, planned_epoch = dt.epoch_batches(spans, s.batch_size * world, s.seed, epoch), epoch
-        global_batch = batches[index]
-        mine = global_batch[rank::world] or global_batch[:1]
-        ids, feats, valid = (t.to(accelerator.device) for t in feature_batch(train_data.tokens, spans, features,
-                                                                             starts, mine))
-        lr = s.lr * dt.lr_factor(s, step, progress.elapsed())
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # the step's own random draws (self-feed or not, the noise), so that a resumed run repeats them exactly
-        step_rng = torch.Generator(device=ids.device).manual_seed(s.seed * 1_000_003 + step)
-        prev = shift_features(feats)
-        if s.self_feed > 0 and random.Random(s.seed * 1_000_003 + step).random() < s.self_feed:
-            # the children of a non-root tree node read its *predicted* feature: train on that input too
-            with torch.no_grad(), accelerator.autocast():
-                prev = shift_features(net(ids, prev).to(feats.dtype))
-        noise = noise_std * torch.randn(prev.shape, generator=step_rng, device=ids.device)
-        noise[:, 0] = 0.0  # position 0's input feature is exactly zero at inference
-        prev = prev + noise.to(prev.dtype)
+    def losses(mine: list[int], step: int) -> dict[str, torch.Tensor]:
+        ids, feats, valid = (t.to(accelerator.device)
+                             for t in feature_batch(train_data.tokens, spans, features, starts, mine))
+        prev = self_fed_inputs(net, ids, feats, s, step, noise_std, accelerator)
         with accelerator.autocast():
             predicted = net(ids, prev)
-        losses = feature_losses(unwrapped, predicted, feats, valid, s.cls_weight)
-        dt.optimizer_step(accelerator, losses["loss"], params, optimizer)
-        step += 1
-        out_of_time = progress.after_step(step, lr, losses)
-        if dt.due(step, s.eval_steps, s, out_of_time) and accelerator.is_main_process:
-            last_eval = evaluate()
-            dt._append_log(log_path, {"step": step, **{k: round(v, 5) for k, v in last_eval.items()}})
-        if dt.due(step, s.save_steps, s, out_of_time):
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                folder = out_dir / f"{dt.CHECKPOINT_PREFIX}{step}"
-                save(folder)
-                dt.write_training_state(folder, step, progress.elapsed(), optimizer,
-                                        {k: v.detach().float() for k, v in unwrapped.trainable_state_dict().items()})
-        if out_of_time:
-            break
-    progress.bar.close()
-    if s.final_dir and accelerator.is_main_process:
-        dt.export_final(save, s, last_eval)
-    return last_eval
+        return feature_losses(unwrapped, predicted, feats, valid, s.cls_weight)
+
+    hooks = LoopHooks(
+        losses=losses,
+        evaluate=lambda: evaluate_features(unwrapped, full_head, head_ids, held.tokens, held_spans, held_features,
+                                           held_starts, s.batch_size, s.cls_weight),
+        save=lambda folder: save_feature_folder(unwrapped, tokenizer, vocab, folder, s.save_dtype, asdict(s)),
+        resume_weights=lambda: {k: v.detach().float() for k, v in unwrapped.trainable_state_dict().items()})
+    return train_loop(s, accelerator, spans, step, elapsed_before, params, optimizer, hooks)

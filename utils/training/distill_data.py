@@ -522,18 +522,27 @@ def load_distill_data(paths: list[Path]) -> DistillData:
                        np.concatenate([p["greedy"] for p in parts]))
 
 
-def main() -> None:
-    """Generate (or top up) the cache on its own: `python -m utils.distill_data TOKENS [WORKERS] [MIX]`.
+def main(argv: list[str] | None = None) -> None:
+    """Generate (or top up) the cache on its own: `python -m utils.training.distill_data TOKENS [WORKERS] [MIX]`."""
+    from utils.cli import OneLineParser, run_cli
 
-    MIX is a key of DISTILL_MIXES: `chat` (the defaults) or `articles` (mostly text from ARTICLE_SEEDS)."""
-    import sys
+    parser = OneLineParser(prog="python -m utils.training.distill_data",
+                           description="Generate (or top up) the cached distillation data that "
+                                       "`pretrain_draft_model.py --distill` trains on.")
+    parser.add_argument("tokens", type=int, help="target-written tokens the cache should hold")
+    parser.add_argument("workers", type=int, nargs="?", default=1, help="generating processes")
+    parser.add_argument("mix", nargs="?", default="chat", choices=sorted(DISTILL_MIXES),
+                        help="chat (the defaults) or articles (mostly text from ARTICLE_SEEDS)")
+    args = parser.parse_args(argv)
 
-    tokens = int(sys.argv[1])
-    workers = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-    settings = DISTILL_MIXES[sys.argv[3] if len(sys.argv) > 3 else "chat"]
-    print(settings.folder(), flush=True)
-    paths = ensure_distill_data(settings, tokens, workers, log_path=str(settings.folder() / "progress.jsonl"))
-    print(f"{len(paths)} shards, {sum(_shard_teacher_tokens(p) for p in paths)} teacher tokens", flush=True)
+    def run() -> None:
+        settings = DISTILL_MIXES[args.mix]
+        print(settings.folder(), flush=True)
+        paths = ensure_distill_data(settings, args.tokens, args.workers,
+                                    log_path=str(settings.folder() / "progress.jsonl"))
+        print(f"{len(paths)} shards, {sum(_shard_teacher_tokens(p) for p in paths)} teacher tokens", flush=True)
+
+    run_cli(run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,3 @@
+"""`python -m utils.bench`: the side-by-side benchmark. `compare` holds the flags, the statistics, the tie check,
+the table and the chart; `methods` prepares and runs each compared method (transformers' and this suite's).
+May import utils plumbing and engine/; nothing else imports it."""

@@ -1,0 +1,171 @@
+"""The settings of a draft-training run: every flag of pretrain_draft_model.py once (`TrainSettings`, argparse
+reads its defaults), the architecture presets, the files a run writes, and the checks made before anything
+loads (one-line `UserError` each)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from utils.errors import UserError
+from utils.training.distill_data import DISTILL_MIXES, DistillSettings
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+STATE_FILE = "training_state.pt"
+
+
+SETTINGS_FILE = "train_settings.json"
+
+
+LOSS_LOG = "loss_log.jsonl"
+
+
+LOSSES = ("ce", "kl", "mix")
+
+
+ARCHS = ("token", "feature")  # a small LM on tokens, or a feature draft on the target's hidden states (EAGLE)
+
+
+TOKEN_ONLY = ("preset", "hidden_size", "num_heads", "num_kv_heads", "embed_init", "loss", "kl_weight")
+
+
+IGNORE = -100
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    # seconds to train; for tests and smoke runs
+    "tiny": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=64),
+    # the shipped SmolLM2-135M draft: 4 layers, GQA 6/2 heads of 64, over a 12k-token vocabulary subset
+    "smollm2-draft": dict(hidden_size=384, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+                          intermediate_size=1024),
+}
+
+
+@dataclass
+class TrainSettings:
+    """Every flag of pretrain_draft_model.py, with its default (argparse reads the defaults from here)."""
+
+    output_dir: str = "outputs/draft"
+    arch: str = "token"
+    target: str | None = None
+    init: str | None = None
+    preset: str = "smollm2-draft"
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    vocab_subset: int = 0
+    embed_init: str = "pca"
+    dataset: str | None = None
+    dataset_start: int = 0
+    dataset_end: int | None = None
+    distill: bool = False
+    distill_tokens: int = 1_000_000
+    distill_workers: int = 1
+    distill_mix: str = "chat"
+    distill_temperatures: str = ",".join(f"{t:g}" for t in DistillSettings.temperatures)
+    distill_max_new_tokens: int = DistillSettings.max_new_tokens
+    distill_batch_size: int = DistillSettings.batch_size
+    distill_top_k: int = DistillSettings.top_k
+    distill_dtype: str = DistillSettings.dtype
+    loss: str = "ce"
+    kl_weight: float = 0.5
+    cls_weight: float = 0.1
+    feature_noise: float = 0.1
+    self_feed: float = 0.0
+    seq_len: int = 512
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    max_minutes: float = 0.0
+    save_steps: int = 200
+    eval_steps: int = 200
+    eval_rows: int = 200
+    logging_steps: int = 10
+    mixed_precision: str = "bf16"
+    save_dtype: str = "float32"
+    final_dir: str | None = None
+    eval_only: bool = False
+    resume: bool = False
+    seed: int = 0
+
+
+def validate(s: TrainSettings) -> None:
+    """Reject bad combinations before any model is loaded (one-line UserError each)."""
+    if s.arch not in ARCHS:
+        raise UserError(f"--arch must be one of {', '.join(ARCHS)}, got {s.arch!r}")
+    parse_mixes(s.distill_mix, s.distill_tokens)
+    if s.loss not in LOSSES:
+        raise UserError(f"--loss must be one of {', '.join(LOSSES)}, got {s.loss!r}")
+    if s.arch == "feature":
+        ignored = [f"--{name.replace('_', '-')}" for name in TOKEN_ONLY
+                   if getattr(s, name) != getattr(TrainSettings, name)]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} only apply to --arch token (a feature draft is one decoder layer of "
+                            "the target's shape: set --num-layers / --intermediate-size; its loss is --cls-weight)")
+    if s.arch == "token" and s.init is None and s.preset not in PRESETS:
+        raise UserError(f"unknown --preset {s.preset!r}: choose from {', '.join(PRESETS)}")
+    if (s.dataset is None) == (not s.distill):
+        raise UserError("give exactly one data source: --dataset NAME_OR_PATH or --distill")
+    if not 0.0 <= s.self_feed <= 1.0:
+        raise UserError(f"--self-feed must be in [0, 1], got {s.self_feed}")
+    if not 0.0 <= s.kl_weight <= 1.0:
+        raise UserError(f"--kl-weight must be in [0, 1], got {s.kl_weight}")
+    for name in ("seq_len", "batch_size", "max_steps", "save_steps", "eval_steps", "logging_steps"):
+        if getattr(s, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(s, name)}")
+    if s.lr <= 0:
+        raise UserError(f"--lr must be positive, got {s.lr}")
+    if s.vocab_subset < 0:
+        raise UserError(f"--vocab-subset must be 0 (full vocabulary) or positive, got {s.vocab_subset}")
+    if s.embed_init not in ("pca", "random"):
+        raise UserError(f"--embed-init must be pca or random, got {s.embed_init!r}")
+    if s.save_dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--save-dtype must be float32, bfloat16 or float16, got {s.save_dtype!r}")
+    if s.eval_only and s.init is None:
+        raise UserError("--eval-only needs --init: the draft folder to evaluate")
+    parse_temperatures(s.distill_temperatures)
+
+
+def parse_mixes(text: str, default_tokens: int) -> list[tuple[str, int]]:
+    """--distill-mix "chat,articles:400000" -> [("chat", default_tokens), ("articles", 400000)]."""
+    mixes = []
+    for entry in text.split(","):
+        name, _, count = entry.partition(":")
+        if name not in DISTILL_MIXES:
+            raise UserError(f"unknown --distill-mix {name!r}: choose from {', '.join(DISTILL_MIXES)} "
+                            "(comma-separated, each optionally NAME:TOKENS)")
+        try:
+            tokens = int(count) if count else default_tokens
+        except ValueError as exc:
+            raise UserError(f"--distill-mix {entry!r}: the token count after ':' must be an integer") from exc
+        mixes.append((name, tokens))
+    return mixes
+
+
+def parse_temperatures(text: str) -> tuple[float, ...]:
+    try:
+        temps = tuple(float(t) for t in text.split(","))
+    except ValueError as exc:
+        raise UserError(f"--distill-temperatures must be comma-separated numbers, got {text!r}") from exc
+    if not temps or any(t < 0 for t in temps):
+        raise UserError(f"--distill-temperatures must be non-negative, got {text!r}")
+    return temps
+
+
+def distill_settings(s: TrainSettings, mix: str = "chat") -> DistillSettings:
+    """The generation settings of one --distill-mix entry, with the --distill-* flags applied."""
+    return replace(DISTILL_MIXES[mix], target=s.target, temperatures=parse_temperatures(s.distill_temperatures),
+                   max_new_tokens=s.distill_max_new_tokens, top_k=s.distill_top_k,
+                   batch_size=s.distill_batch_size, dtype=s.distill_dtype)
+
+
+def settings_fields() -> list[tuple[str, object, type]]:
+    """(name, default, type) of every TrainSettings field, for building the argument parser."""
+    return [(f.name, f.default, f.type) for f in fields(TrainSettings)]
+
