@@ -12,6 +12,7 @@ from engine.drafters import StaticTreeDrafter
 from engine.growmap import load_growmap
 from utils.cli import decoding_parser, run_cli, validate_common
 from utils.config import DEFAULTS
+from utils.distributed.processes import start_processes
 from utils.experiment import execute
 
 
@@ -25,7 +26,7 @@ def main() -> None:
                         "nodes_per_depth": growmap.nodes_per_depth()}}
     execute(args, "test_greedyS",
             lambda pair, sampling, sample_children: StaticTreeDrafter(pair.draft, growmap, sampling, sample_children),
-            growmap.size, meta)
+            growmap.size, meta, start_processes(args.device))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from engine.dynamic_drafter import SCORES, DynamicTreeDrafter, check_score
 from engine.verifiers import SAMPLED_CHILDREN
 from utils.cli import decoding_parser, run_cli, validate_common
 from utils.config import DEFAULTS, tree_limits
+from utils.distributed.processes import start_processes
 from utils.errors import UserError
 from utils.experiment import execute
 
@@ -57,7 +58,7 @@ def main() -> None:
     execute(args, "test_greedyS_dy",
             lambda pair, sampling, sample_children: DynamicTreeDrafter(pair.draft, sampling, sample_children, args.B,
                                                                        args.W, args.D, args.score),
-            slots, meta)
+            slots, meta, start_processes(args.device))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ import argparse
 from utils.cli import OneLineParser, add_data_flags, add_model_flags, resolve_dtype, run_cli, validate_common
 from utils.config import DEFAULTS
 from utils.data import load_prompts
+from utils.distributed.processes import start_processes
 from utils.errors import UserError
 from utils.experiment import load_draft, load_pair
 from utils.models import load_tokenizer
-from utils.potential.report import report, score_prompts
-from utils.report import emit, hardware, library_versions, write_results
+from utils.potential.report import report, score_prompts, scores_of_rows
+from utils.report import emit, hardware, library_versions
+from utils.run_log import open_run, sweep
 
 SCRIPT = "test_greedyS_logit"
 
@@ -66,23 +68,37 @@ def validate(args: argparse.Namespace) -> None:
 def main() -> None:
     args = build_parser().parse_args()
     validate(args)
-    dtype = resolve_dtype(args.dtype, args.device)
+    processes = start_processes(args.device)
+    device = processes.device or args.device
+    log = processes.share(open_run(args.results_dir, args.resume, SCRIPT, vars(args)) if processes.main else None)
+    dtype = resolve_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.target)
     prompts = load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len)  # fail fast on bad data
-    pair = load_pair(args.target, None, False, dtype, args.device, args.M, tokenizer)
-    drafts = dict(load_draft(spec, args.target, pair.target, dtype, args.device, args.M) for spec in args.model)
+    pair = load_pair(args.target, None, False, dtype, device, args.M, tokenizer)
+    drafts = dict(load_draft(spec, args.target, pair.target, dtype, device, args.M) for spec in args.model)
     if len(drafts) != len(args.model):
         raise UserError("--model names the same draft twice")
     names = list(drafts)
-    scores = score_prompts(prompts, pair, drafts, args.T, args.P, args.max_new_tokens if args.continuations else 0)
-    summary = {"script": SCRIPT, "flags": vars(args), "target": pair.target_name, "drafts": names,
-               "dtype": str(dtype).removeprefix("torch."), "device": args.device, "versions": library_versions(),
-               "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],
-               "prompts": len(prompts)}
-    summary, lines = report(scores, names, args.T, args.P, summary)
-    for line in lines:
+    header = {"script": SCRIPT, "flags": vars(args), "target": pair.target_name, "drafts": names,
+              "dtype": str(dtype).removeprefix("torch."), "device": args.device, "versions": library_versions(),
+              "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],
+              "processes": {"count": processes.world, "devices": processes.gather([device])}}
+
+    def summary_of(rows: list[dict]) -> dict:
+        if not rows:
+            return {**header, "prompts": 0}
+        return report(scores_of_rows(rows), names, args.T, args.P, {**header, "prompts": len(rows)})[0]
+
+    def work(mine: list, append) -> None:
+        score_prompts(mine, pair, drafts, args.T, args.P, args.max_new_tokens if args.continuations else 0, append,
+                      progress=processes.main)
+
+    swept = sweep(log, prompts, lambda prompt: prompt.index, work, summary_of, processes)
+    if swept is None:
+        return
+    for line in report(scores_of_rows(swept[1]), names, args.T, args.P, {})[1]:
         emit(line)
-    emit(f"results: {write_results(args.results_dir, SCRIPT, summary, scores.rows)}")
+    emit(f"results: {log.json_path}")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,12 @@ def add_prompt_flags(parser: argparse.ArgumentParser) -> None:
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     """The prompt flags and --results-dir."""
     add_prompt_flags(parser)
-    parser.add_argument("--results-dir", default=DEFAULTS.results_dir, help="where result files are written")
+    parser.add_argument("--results-dir", default=DEFAULTS.results_dir,
+                        help="where result files are written (checked writable before any model loads)")
+    parser.add_argument("--resume", default=DEFAULTS.resume, metavar="PATH",
+                        help="continue an interrupted run from its results .json (or .jsonl): the same flags are "
+                             "required, prompts already done are skipped, and the files end as an uninterrupted "
+                             "run's (rows keep being written as prompts finish)")
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
@@ -180,6 +185,6 @@ def run_cli(main: Callable[[], None]) -> None:
     except (UserError, GrowmapError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+    except KeyboardInterrupt as exc:  # the message, when there is one, says where partial results are
+        sys.stderr.write("interrupted" + (f": {exc}" if str(exc) else "") + "\n")
         sys.exit(130)

@@ -52,6 +52,7 @@ class RunDefaults:
     prompt_len: int = 128
     max_new_tokens: int = 128
     results_dir: str = "results"
+    resume: str | None = None           # results .json of an interrupted run to continue
     B: int = DEFAULT_SHAPE[0]           # dynamic tree: node budget, root included
     W: int = 8                          # dynamic tree: children per expanded node and nodes expanded per level
     D: int = DEFAULT_SHAPE[1]           # dynamic tree: depth limit, the default growmap's depth

@@ -3,6 +3,7 @@ in the chosen mode, and summarise the per-step statistics."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from engine.prompt_lookup import with_prompt_lookup
 from engine.sampling import Sampling
 from utils.data import Prompt
 from utils.errors import UserError
+from utils.run_log import SINGLE, Processes, open_run, sweep
 from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, is_feature_draft, load_draft_vocab,
                           load_feature_net, load_hf_model, load_tokenizer, resolve_model_path)
 
@@ -104,10 +106,14 @@ class RunSettings:
 
 
 def run_prompts(pair: ModelPair, drafter: Drafter | None, prompts: list[Prompt], settings: RunSettings,
-                tree_size: int) -> list[PromptRecord]:
-    """Decode every prompt in the chosen mode, after one short warm-up so first-call costs stay out."""
+                tree_size: int, on_record: Callable[[PromptRecord], None] | None = None,
+                progress: bool = True) -> list[PromptRecord]:
+    """Decode every prompt in the chosen mode, after one short warm-up so first-call costs stay out;
+    `on_record` sees each prompt's record as soon as it is done."""
     for prompt in prompts:
         check_capacity(pair.target, len(prompt.ids), settings.max_new_tokens, tree_size)
+    if not prompts:
+        return []
     device = str(pair.target.device)
 
     def speculative(prompt: Prompt, budget: int, timed: bool) -> DecodeResult:
@@ -126,15 +132,41 @@ def run_prompts(pair: ModelPair, drafter: Drafter | None, prompts: list[Prompt],
     if settings.mode != "greedy":
         baseline(warm, WARMUP_TOKENS)
     records = []
-    for prompt in tqdm(prompts, desc=settings.mode, unit="prompt", dynamic_ncols=True):
+    for prompt in tqdm(prompts, desc=settings.mode, unit="prompt", dynamic_ncols=True, disable=not progress):
         if settings.mode == "baseline":
-            records.append(PromptRecord(prompt, baseline(prompt, settings.max_new_tokens)))
+            record = PromptRecord(prompt, baseline(prompt, settings.max_new_tokens))
         elif settings.mode == "greedy":
-            records.append(PromptRecord(prompt, speculative(prompt, settings.max_new_tokens, False)))
+            record = PromptRecord(prompt, speculative(prompt, settings.max_new_tokens, False))
         else:
             result = speculative(prompt, settings.max_new_tokens, True)
-            records.append(PromptRecord(prompt, result, baseline(prompt, settings.max_new_tokens)))
+            record = PromptRecord(prompt, result, baseline(prompt, settings.max_new_tokens))
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
     return records
+
+
+RESULT_FIELDS = ("output_ids", "target_steps", "accepted_per_step", "seconds", "time_split")
+BASELINE = "baseline_"  # prefix of the benchmark baseline's fields in a row
+
+
+def result_row(record: PromptRecord, tokenizer) -> dict:
+    """The JSONL row of one prompt: what the streaming writer appends, what merges and resumes read back."""
+    result = record.result
+    row = {"index": record.prompt.index, "kind": record.prompt.kind, "prompt_ids": record.prompt.ids,
+           "output_ids": result.output_ids,
+           "output_text": tokenizer.decode(result.output_ids, skip_special_tokens=True),
+           **{key: getattr(result, key) for key in RESULT_FIELDS[1:]}}
+    if result.tree_shapes:
+        row["tree_shapes"] = result.tree_shapes
+    if record.baseline is not None:
+        row.update({BASELINE + key: getattr(record.baseline, key) for key in RESULT_FIELDS})
+    return row
+
+
+def result_of_row(row: dict, prefix: str = "") -> DecodeResult:
+    """The DecodeResult a row was made from (`prefix` BASELINE: the benchmark's baseline), for summaries."""
+    return DecodeResult(**{key: row[prefix + key] for key in RESULT_FIELDS}, tree_shapes=row.get("tree_shapes", []))
 
 
 def summarize(results: list[DecodeResult]) -> dict:
@@ -166,63 +198,64 @@ def describe_args(args: argparse.Namespace) -> dict:
     return {key: value for key, value in vars(args).items()}
 
 
-def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int, meta: dict) -> None:
+def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int, meta: dict,
+            processes: Processes = SINGLE) -> None:
     """The body every decoding script shares: models, prompts, run, summary, result files.
 
     make_drafter(pair, sampling, sample_children) -> Drafter builds the script's drafter; `meta` adds
-    script-specific settings (growmap, tree budget, ...) to the result JSON.
+    script-specific settings (growmap, tree budget, ...) to the result JSON. Rows stream to the result files
+    as prompts finish (utils/run_log.py); `processes` splits the prompts of a launched sweep.
     """
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
     from utils.cli import resolve_dtype
     from utils.data import load_prompts
-    from utils.report import emit, format_summary, hardware, library_versions, write_results
+    from utils.report import emit, format_summary, hardware, library_versions
 
-    dtype = resolve_dtype(args.dtype, args.device)
+    device = processes.device or args.device
+    dtype = resolve_dtype(args.dtype, device)
     lookup = getattr(args, "lookup", 0) if args.Mode != "baseline" else 0
     tree_size += lookup
     needed = args.prompt_len + args.max_new_tokens + tree_size
     if needed > args.M:
         raise UserError(f"--M {args.M} is too small: prompt ({args.prompt_len}) + new tokens ({args.max_new_tokens}) "
                         f"+ tree ({tree_size}) need {needed} KV slots")
+    flags = describe_args(args)
+    log = processes.share(open_run(args.results_dir, args.resume, script, flags) if processes.main else None)
     sampling = Sampling(args.T, args.P)
     verifier = "greedy" if sampling.greedy else args.verify
     tokenizer = load_tokenizer(args.target)
     prompts = load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len)  # fail fast on bad data
-    pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, args.device, args.M, tokenizer)
+    pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, device, args.M, tokenizer)
     drafter = None if args.Mode == "baseline" else make_drafter(pair, sampling, SAMPLED_CHILDREN[verifier])
     drafter = with_prompt_lookup(drafter, lookup, args.lookup_ngram)
     settings = RunSettings(args.Mode, sampling, verifier, args.max_new_tokens, args.seed,
                            record_shapes=getattr(args, "record_shapes", False))
-    records = run_prompts(pair, drafter, prompts, settings, tree_size)
+    header = {"script": script, "flags": flags, "target": pair.target_name, "draft": pair.draft_name,
+              "dtype": str(dtype).removeprefix("torch."), "device": args.device, "versions": library_versions(),
+              "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],
+              "verifier": verifier if args.Mode != "baseline" else "none (autoregressive)",
+              "lossless": LOSSLESS[verifier], **meta,
+              "prompt_lookup": {"max_tokens": lookup, "max_ngram": getattr(args, "lookup_ngram", None)},
+              "processes": {"count": processes.world, "devices": processes.gather([device])}}
 
-    figures = summarize([r.result for r in records])
-    summary = {"script": script, "flags": describe_args(args), "target": pair.target_name, "draft": pair.draft_name,
-               "dtype": str(dtype).removeprefix("torch."), "device": args.device, "versions": library_versions(),
-               "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],
-               "verifier": verifier if args.Mode != "baseline" else "none (autoregressive)",
-               "lossless": LOSSLESS[verifier], **meta,
-               "prompt_lookup": {"max_tokens": lookup, "max_ngram": getattr(args, "lookup_ngram", None)}, **figures}
+    def summary_of(rows: list[dict]) -> dict:
+        summary = {**header, **summarize([result_of_row(row) for row in rows])}
+        if args.Mode == "benchmark":
+            summary["baseline"] = summarize([result_of_row(row, BASELINE) for row in rows])
+            summary["speedup"] = summary["baseline"]["seconds_per_token"] / max(summary["seconds_per_token"], 1e-12)
+        return summary
+
+    def work(mine: list[Prompt], append: Callable[[dict], None]) -> None:
+        run_prompts(pair, drafter, mine, settings, tree_size, lambda record: append(result_row(record, tokenizer)),
+                    progress=processes.main)
+
+    swept = sweep(log, prompts, lambda prompt: prompt.index, work, summary_of, processes)
+    if swept is None:
+        return
+    summary, _ = swept
     title = "autoregressive baseline" if args.Mode == "baseline" else f"speculative decoding ({verifier} verification)"
-    emit(format_summary(title, figures))
+    emit(format_summary(title, summary))
     if args.Mode == "benchmark":
-        base = summarize([r.baseline for r in records])
-        summary["baseline"] = base
-        summary["speedup"] = base["seconds_per_token"] / figures["seconds_per_token"]
-        emit(format_summary("autoregressive baseline (same prompts, alternating)", base))
+        emit(format_summary("autoregressive baseline (same prompts, alternating)", summary["baseline"]))
         emit(f"  speedup                 {summary['speedup']:.2f}x")
-    rows = []
-    for record in records:
-        result = record.result
-        row = {"index": record.prompt.index, "kind": record.prompt.kind, "prompt_ids": record.prompt.ids,
-               "output_ids": result.output_ids,
-               "output_text": pair.tokenizer.decode(result.output_ids, skip_special_tokens=True),
-               "target_steps": result.target_steps, "accepted_per_step": result.accepted_per_step,
-               "seconds": result.seconds}
-        if result.tree_shapes:
-            row["tree_shapes"] = result.tree_shapes
-        if record.baseline is not None:
-            row["baseline_output_ids"] = record.baseline.output_ids
-            row["baseline_seconds"] = record.baseline.seconds
-        rows.append(row)
-    path = write_results(args.results_dir, script, summary, rows)
-    emit(f"results: {path}")
+    emit(f"results: {log.json_path}")

@@ -58,21 +58,6 @@ def wall_clock(device: torch.device | str) -> Iterator[list[float]]:
     elapsed[0] = time.perf_counter() - started
 
 
-def write_results(results_dir: str, script: str, summary: dict, rows: list[dict]) -> Path:
-    """Write `<dir>/<script>-<timestamp>.json` and the per-prompt `.jsonl` beside it; return the JSON path."""
-    folder = Path(results_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = folder / f"{script}-{stamp}"
-    suffix = 1
-    while base.with_suffix(".json").exists():
-        base = folder / f"{script}-{stamp}-{suffix}"
-        suffix += 1
-    atomic_write_text(base.with_suffix(".jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
-    atomic_write_text(base.with_suffix(".json"), json.dumps(summary, indent=2, default=str) + "\n")
-    return base.with_suffix(".json")
-
-
 def format_summary(title: str, figures: dict) -> str:
     lines = [title,
              f"  prompts                 {figures['prompts']}",

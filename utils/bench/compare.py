@@ -272,12 +272,16 @@ def main(argv: list[str] | None = None) -> None:
     from utils.bench.methods import prepare_methods, run_alternating
     from utils.cli import quiet_transformers, resolve_dtype
     from utils.data import load_prompts
+    from utils.distributed.processes import launched_world_size
     from utils.experiment import load_pair
     from utils.models import default_token_draft_for, load_hf_model
-    from utils.report import emit, hardware, library_versions, write_results
+    from utils.report import emit, hardware, library_versions
+    from utils.run_log import open_run, sweep
 
     args = parse_args(argv)
     validate_common(args)
+    if launched_world_size() > 1:
+        raise UserError("the benchmark times its methods side by side in one process: run it without a launcher")
     methods = selected_methods(args.methods)
     if args.prompt_lookup_tokens < 1:
         raise UserError(f"--prompt-lookup-tokens must be >= 1, got {args.prompt_lookup_tokens}")
@@ -287,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     growmap = load_growmap(args.growmap)
     dynamic = dynamic_shape(args)
     dtype = resolve_dtype(args.dtype, args.device)
+    log = open_run(args.results_dir, args.resume, "bench", vars(args))
     max_len = args.prompt_len + args.max_new_tokens + max(growmap.size, dynamic.slots_bound()) + args.lookup + 1
     pair = load_pair(args.target, args.model, any(m in DRAFT_METHODS for m in methods), dtype, args.device, max_len)
     prompts = load_prompts(args.dataset, pair.tokenizer, args.start, args.end, args.prompt_len)
@@ -305,17 +310,7 @@ def main(argv: list[str] | None = None) -> None:
                             suite_lookup_ngram=args.lookup_ngram)
     for note in setup.notes:
         emit(f"note: {note}")
-    bar = tqdm(total=len(prompts), desc="bench", unit="prompt", dynamic_ncols=True)
-    runs = run_alternating(setup.runners, prompts, args.max_new_tokens, lambda prompt, order: bar.update(1))
-    bar.close()
-
-    figures, divergences = collect_figures(methods, setup, runs, prompts, sampling.greedy, args.max_new_tokens)
-    emit(format_table(figures))
-    for d in divergences:
-        kind = "near-tie (counted as a match)" if d.tie else "DIVERGENCE"
-        emit(f"  {kind}: {d.method} prompt {d.prompt_index} token {d.position}: generate ({d.dtype}) "
-             f"{d.generate_token}, {d.method} {d.method_token}, top-two logit gap {d.top_two_gap:.2e}")
-    summary = {
+    header = {
         "script": "bench", "flags": vars(args), "methods_run": methods, "target": pair.target_name,
         "draft": pair.draft_name, "dtype": str(dtype).removeprefix("torch."), "hf_dtype": setup.hf_dtype_choice,
         "device": args.device, "versions": {**library_versions(), "matplotlib": _version("matplotlib")},
@@ -326,16 +321,38 @@ def main(argv: list[str] | None = None) -> None:
         "suite_prompt_lookup": {"max_tokens": args.lookup, "max_ngram": args.lookup_ngram,
                                 "note": "grafted onto static_tree and dynamic_tree"},
         "warmup_prompt": prompts[0].index, "assistant": setup.assistant, "notes": setup.notes,
-        "tie_tolerance": TIE_TOLERANCE, "divergences": [asdict(d) for d in divergences], "methods": figures,
+        "tie_tolerance": TIE_TOLERANCE,
     }
-    rows = [{"index": p.index, "prompt_ids": p.ids,
-             "outputs": {name: asdict(runs[name][i]) for name in setup.runners}} for i, p in enumerate(prompts)]
-    path = write_results(args.results_dir, "bench", summary, rows)
+
+    def summary_of(rows: list[dict]) -> dict:
+        if len(rows) < len(prompts):  # figures and the tie check are made over the whole range only
+            return header
+        runs = {name: [Run(**row["outputs"][name]) for row in rows] for name in setup.runners}
+        figures, divergences = collect_figures(methods, setup, runs, prompts, sampling.greedy, args.max_new_tokens)
+        return {**header, "divergences": [asdict(d) for d in divergences], "methods": figures}
+
+    def work(mine: list[Prompt], append) -> None:
+        bar = tqdm(total=len(mine), desc="bench", unit="prompt", dynamic_ncols=True)
+
+        def done(prompt: Prompt, prompt_runs: dict[str, Run]) -> None:
+            append({"index": prompt.index, "prompt_ids": prompt.ids,
+                    "outputs": {name: asdict(prompt_runs[name]) for name in setup.runners}})
+            bar.update(1)
+
+        run_alternating(setup.runners, mine, args.max_new_tokens, done)
+        bar.close()
+
+    summary, _ = sweep(log, prompts, lambda prompt: prompt.index, work, summary_of)
+    emit(format_table(summary["methods"]))
+    for d in summary["divergences"]:
+        kind = "near-tie (counted as a match)" if d["tie"] else "DIVERGENCE"
+        emit(f"  {kind}: {d['method']} prompt {d['prompt_index']} token {d['position']}: generate ({d['dtype']}) "
+             f"{d['generate_token']}, {d['method']} {d['method_token']}, top-two logit gap {d['top_two_gap']:.2e}")
     title = (f"{pair.target_name} / draft {pair.draft_name}, T={args.T}, {len(prompts)} prompts x "
              f"{args.max_new_tokens} tokens, {args.device}")
-    chart = plot_speedups(figures, path.with_suffix(".png"), title)
+    chart = plot_speedups(summary["methods"], log.json_path.with_suffix(".png"), title)
     emit(f"chart: {chart}")
-    emit(f"results: {path}")
+    emit(f"results: {log.json_path}")
 
 
 def _version(package: str) -> str | None:

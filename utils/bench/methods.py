@@ -204,9 +204,10 @@ def rotated(names: list[str], shift: int) -> list[str]:
 
 
 def run_alternating(runners: dict[str, Runner], prompts: list[Prompt], max_new_tokens: int,
-                    progress: Callable[[Prompt, list[str]], None] | None = None) -> dict[str, list[Run]]:
+                    progress: Callable[[Prompt, dict[str, Run]], None] | None = None) -> dict[str, list[Run]]:
     """Every method on every prompt, prompt by prompt, the method order rotated per prompt so that slow
-    drift (thermal, other load) hits all methods alike; `progress(prompt, order)` after each prompt."""
+    drift (thermal, other load) hits all methods alike; `progress(prompt, runs)` after each prompt, with that
+    prompt's runs in the order they ran."""
     names = list(runners)
     runs: dict[str, list[Run]] = {name: [] for name in names}
     for position, prompt in enumerate(prompts):
@@ -214,7 +215,7 @@ def run_alternating(runners: dict[str, Runner], prompts: list[Prompt], max_new_t
         for name in order:
             runs[name].append(runners[name](prompt, max_new_tokens))
         if progress is not None:
-            progress(prompt, order)
+            progress(prompt, {name: runs[name][-1] for name in order})
     return runs
 
 

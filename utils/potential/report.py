@@ -7,6 +7,7 @@ only parses flags, loads models and prompts, and calls `score_prompts` and `repo
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,11 +72,12 @@ class Scores:
 
 
 def score_prompts(prompts: list[Prompt], pair: ModelPair, drafts: dict[str, TreeModel], temperature: float,
-                  top_p: float, continuation_tokens: int) -> Scores:
+                  top_p: float, continuation_tokens: int, on_row: Callable[[dict], None] | None = None,
+                  progress: bool = True) -> Scores:
     """Score every prompt; with continuation_tokens > 0 the target's greedy continuation of that length is
-    appended first and its positions are also scored on their own."""
+    appended first and its positions are also scored on their own. `on_row` sees each prompt's row when done."""
     scores = Scores()
-    for prompt in tqdm(prompts, desc="potential", unit="prompt", dynamic_ncols=True):
+    for prompt in tqdm(prompts, desc="potential", unit="prompt", dynamic_ncols=True, disable=not progress):
         continuation = []
         if continuation_tokens > 0:
             continuation = autoregressive_generate(pair.target, prompt.ids, continuation_tokens, pair.eos_ids,
@@ -93,6 +95,18 @@ def score_prompts(prompts: list[Prompt], pair: ModelPair, drafts: dict[str, Tree
             scores.continued.append(continued)
             row["continuation_drafts"] = {name: f.as_dict() for name, f in continued.items()}
         scores.rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return scores
+
+
+def scores_of_rows(rows: list[dict]) -> Scores:
+    """The Scores that result rows were made from (rows of several sessions or processes, merged)."""
+    scores = Scores(rows=list(rows))
+    for row in rows:
+        scores.whole.append({name: PromptFigures(**f) for name, f in row["drafts"].items()})
+        if "continuation_drafts" in row:
+            scores.continued.append({name: PromptFigures(**f) for name, f in row["continuation_drafts"].items()})
     return scores
 
 
