@@ -36,20 +36,21 @@ def exact_args(tiny_model_dirs) -> list[str]:
             "--growmap", str(REPO_ROOT / "growmaps" / "4x8-tree.pt")]
 
 
-def run_here(*args: str) -> tuple[dict, list[dict]]:
-    """The script in this process (no second interpreter start-up); its results."""
+def run_here(*args: str) -> tuple[dict, list[dict], Path]:
+    """The script in this process (no second interpreter start-up); its results and where they are."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", [SCRIPT, *args])
         patch.setenv("HF_HUB_OFFLINE", "1")
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             runpy.run_path(SCRIPT, run_name="__main__")
-    return results_of(subprocess.CompletedProcess([], 0, out.getvalue(), ""))
+    path = Path(out.getvalue().strip().splitlines()[-1].removeprefix("results: "))
+    return *results_of(subprocess.CompletedProcess([], 0, out.getvalue(), "")), path
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(exact_args, tmp_path_factory) -> tuple[dict, list[dict]]:
-    return run_here(*exact_args, "--results-dir", str(tmp_path_factory.mktemp("whole")))
+    return run_here(*exact_args, "--results-dir", str(tmp_path_factory.mktemp("whole")))[:2]
 
 
 def test_uninterrupted_run_is_complete(uninterrupted):
@@ -80,8 +81,9 @@ def test_ctrl_c_keeps_partial_results_and_resume_finishes_them(exact_args, unint
     assert partial["partial"] is True and 2 <= len(kept) == partial["completed_prompts"] < PROMPTS
     assert partial["prompts"] == len(kept)  # the partial figures cover the rows kept
 
-    summary, rows = run_here(*exact_args, "--results-dir", str(tmp_path / "elsewhere"), "--resume", str(json_path))
-    assert summary["flags"]["resume"] == str(json_path)
+    summary, rows, path = run_here(*exact_args, "--results-dir", str(tmp_path / "elsewhere"), "--resume",
+                                   str(json_path))
+    assert path == json_path and summary["flags"]["resume"] == str(json_path)
     whole_summary, whole_rows = uninterrupted
     assert without_timing(rows) == without_timing(whole_rows)  # same rows, none missing or doubled
     assert summary["partial"] is False
@@ -97,7 +99,7 @@ def test_resume_after_a_crash_mid_line(exact_args, uninterrupted, tmp_path):
     json_path.write_text(json.dumps({"script": "test_greedyS", "flags": whole_summary["flags"], "partial": True}))
     text = "".join(json.dumps(row) + "\n" for row in whole_rows[:3]) + json.dumps(whole_rows[3])[:40]
     json_path.with_suffix(".jsonl").write_text(text)
-    summary, rows = run_here(*exact_args, "--resume", str(json_path))
+    summary, rows, _ = run_here(*exact_args, "--resume", str(json_path))
     assert without_timing(rows) == without_timing(whole_rows)
     assert summary["partial"] is False and summary["new_tokens"] == whole_summary["new_tokens"]
 
