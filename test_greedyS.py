@@ -12,6 +12,7 @@ from engine.drafters import StaticTreeDrafter
 from engine.growmap import load_growmap
 from utils.cli import decoding_parser, run_cli, validate_common
 from utils.config import DEFAULTS
+from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
 from utils.experiment import execute
 
@@ -21,12 +22,13 @@ def main() -> None:
     parser.add_argument("--growmap", default=DEFAULTS.growmap, help="tree shape (.pt growmap file)")
     args = parser.parse_args()
     validate_common(args)
+    processes = start_processes(args.device)
     growmap = load_growmap(args.growmap)
     meta = {"growmap": {"path": args.growmap, "size": growmap.size, "depth": growmap.max_depth,
                         "nodes_per_depth": growmap.nodes_per_depth()}}
     execute(args, "test_greedyS",
             lambda pair, sampling, sample_children: StaticTreeDrafter(pair.draft, growmap, sampling, sample_children),
-            growmap.size, meta, start_processes(args.device))
+            growmap.size, meta, processes, target_loader(args, processes.device or args.device))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from engine.dynamic_drafter import SCORES, DynamicTreeDrafter, check_score
 from engine.verifiers import SAMPLED_CHILDREN
 from utils.cli import decoding_parser, run_cli, validate_common
 from utils.config import DEFAULTS, tree_limits
+from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
 from utils.errors import UserError
 from utils.experiment import execute
@@ -50,6 +51,7 @@ def main() -> None:
                              "depth-weighted cumulative logit (not with --verify specinfer)")
     args = parser.parse_args()
     validate_common(args)
+    processes = start_processes(args.device)
     args.B, args.D = tree_limits(args.growmap, args.B, args.D)
     validate_tree_flags(args)
     args.record_shapes = True
@@ -58,7 +60,7 @@ def main() -> None:
     execute(args, "test_greedyS_dy",
             lambda pair, sampling, sample_children: DynamicTreeDrafter(pair.draft, sampling, sample_children, args.B,
                                                                        args.W, args.D, args.score),
-            slots, meta, start_processes(args.device))
+            slots, meta, processes, target_loader(args, processes.device or args.device))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 
-from utils.cli import OneLineParser, add_data_flags, add_model_flags, resolve_dtype, run_cli, validate_common
+from utils.cli import OneLineParser, add_data_flags, add_model_flags, add_offload_flags, resolve_dtype, run_cli, validate_common
 from utils.config import DEFAULTS
 from utils.data import load_prompts
+from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
 from utils.errors import UserError
 from utils.experiment import load_draft, load_pair
@@ -36,6 +37,7 @@ def build_parser() -> OneLineParser:
                              "(default: the suite's own draft for the target)")
     add_model_flags(parser, with_draft=False)
     add_data_flags(parser)
+    add_offload_flags(parser)
     parser.add_argument("--T", type=float, default=DEFAULTS.T,
                         help="temperature of the compared distributions; 0 (greedy) compares the plain softmax "
                              "(T = 1, no top-p), and top-1 agreement is then the acceptance the decoder sees")
@@ -74,7 +76,7 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.target)
     prompts = load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len)  # fail fast on bad data
-    pair = load_pair(args.target, None, False, dtype, device, args.M, tokenizer)
+    pair = load_pair(args.target, None, False, dtype, device, args.M, tokenizer, target_loader(args, device))
     drafts = dict(load_draft(spec, args.target, pair.target, dtype, device, args.M) for spec in args.model)
     if len(drafts) != len(args.model):
         raise UserError("--model names the same draft twice")

@@ -95,6 +95,20 @@ def add_lookup_flags(parser: argparse.ArgumentParser) -> None:
                         help="prompt lookup: longest n-gram matched (tried from this n down to 1)")
 
 
+def add_offload_flags(parser: argparse.ArgumentParser) -> None:
+    """--offloading and its limits (utils/distributed/offload.py)."""
+    parser.add_argument("--offloading", action="store_true",
+                        help="load the target through accelerate's big-model dispatch: layers that do not fit "
+                             "--max-memory on the compute device live in CPU memory or on disk and are brought "
+                             "over when their turn comes (greedy output unchanged)")
+    parser.add_argument("--max-memory", nargs="+", default=DEFAULTS.max_memory, metavar="DEVICE=SIZE",
+                        help="with --offloading: memory per device for the target's weights, e.g. 0=20GiB "
+                             "cpu=100GiB (GPU index, cpu, disk); the rest goes to disk (default: what each device "
+                             "has free)")
+    parser.add_argument("--offload-folder", default=DEFAULTS.offload_folder,
+                        help="with --offloading: folder for the weights offloaded to disk")
+
+
 def decoding_parser(doc: str, script: str, results_note: str = "") -> OneLineParser:
     """The parser every decoding script starts from: model, data and decoding flags, its docstring's first
     paragraph as description and where its results go as epilog."""
@@ -105,6 +119,7 @@ def decoding_parser(doc: str, script: str, results_note: str = "") -> OneLinePar
     add_data_flags(parser)
     add_decoding_flags(parser)
     add_lookup_flags(parser)
+    add_offload_flags(parser)
     return parser
 
 

@@ -53,6 +53,8 @@ class RunDefaults:
     max_new_tokens: int = 128
     results_dir: str = "results"
     resume: str | None = None           # results .json of an interrupted run to continue
+    max_memory: list[str] | None = None  # --offloading: DEVICE=SIZE per device; None = what each has free
+    offload_folder: str = "offload"     # --offloading: where weights offloaded to disk go
     B: int = DEFAULT_SHAPE[0]           # dynamic tree: node budget, root included
     W: int = 8                          # dynamic tree: children per expanded node and nodes expanded per level
     D: int = DEFAULT_SHAPE[1]           # dynamic tree: depth limit, the default growmap's depth

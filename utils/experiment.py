@@ -16,8 +16,8 @@ from engine.sampling import Sampling
 from utils.data import Prompt
 from utils.errors import UserError
 from utils.run_log import SINGLE, Processes, open_run, sweep
-from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, is_feature_draft, load_draft_vocab,
-                          load_feature_net, load_hf_model, load_tokenizer, resolve_model_path)
+from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, is_feature_draft, layer_placement,
+                          load_draft_vocab, load_feature_net, load_hf_model, load_tokenizer, resolve_model_path)
 
 
 WARMUP_TOKENS = 4  # new tokens of the untimed warm-up call before timed runs
@@ -71,10 +71,11 @@ def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dty
 
 
 def load_pair(target: str | None, draft: str | None, need_draft: bool, dtype: torch.dtype, device: str,
-              max_len: int, tokenizer=None) -> ModelPair:
-    """Target, tokenizer and (when needed) draft, as TreeModels with `max_len` cache slots each."""
+              max_len: int, tokenizer=None, load_target: Callable | None = None) -> ModelPair:
+    """Target, tokenizer and (when needed) draft, as TreeModels with `max_len` cache slots each;
+    `load_target(spec, dtype, device)` replaces the plain target load (--offloading)."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
-    target_hf = load_hf_model(target, dtype, device)
+    target_hf = (load_target or load_hf_model)(target, dtype, device)
     target_model = TreeModel(target_hf, max_len)
     draft_name, draft_model = load_draft(draft, target, target_model, dtype, device, max_len) if need_draft else (None, None)
     return ModelPair(target_model, draft_model, tokenizer, target or DEFAULT_TARGET, draft_name,
@@ -199,12 +200,13 @@ def describe_args(args: argparse.Namespace) -> dict:
 
 
 def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int, meta: dict,
-            processes: Processes = SINGLE) -> None:
+            processes: Processes = SINGLE, load_target: Callable | None = None) -> None:
     """The body every decoding script shares: models, prompts, run, summary, result files.
 
     make_drafter(pair, sampling, sample_children) -> Drafter builds the script's drafter; `meta` adds
     script-specific settings (growmap, tree budget, ...) to the result JSON. Rows stream to the result files
-    as prompts finish (utils/run_log.py); `processes` splits the prompts of a launched sweep.
+    as prompts finish (utils/run_log.py); `processes` splits the prompts of a launched sweep; `load_target`
+    loads the target another way (--offloading).
     """
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
     from utils.cli import resolve_dtype
@@ -225,7 +227,7 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     verifier = "greedy" if sampling.greedy else args.verify
     tokenizer = load_tokenizer(args.target)
     prompts = load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len)  # fail fast on bad data
-    pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, device, args.M, tokenizer)
+    pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, device, args.M, tokenizer, load_target)
     drafter = None if args.Mode == "baseline" else make_drafter(pair, sampling, SAMPLED_CHILDREN[verifier])
     drafter = with_prompt_lookup(drafter, lookup, args.lookup_ngram)
     settings = RunSettings(args.Mode, sampling, verifier, args.max_new_tokens, args.seed,
@@ -236,7 +238,8 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
               "verifier": verifier if args.Mode != "baseline" else "none (autoregressive)",
               "lossless": LOSSLESS[verifier], **meta,
               "prompt_lookup": {"max_tokens": lookup, "max_ngram": getattr(args, "lookup_ngram", None)},
-              "processes": {"count": processes.world, "devices": processes.gather([device])}}
+              "processes": {"count": processes.world, "devices": processes.gather([device])},
+              "offloading": layer_placement(pair.target.hf_model)}
 
     def summary_of(rows: list[dict]) -> dict:
         summary = {**header, **summarize([result_of_row(row) for row in rows])}
@@ -258,4 +261,9 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     if args.Mode == "benchmark":
         emit(format_summary("autoregressive baseline (same prompts, alternating)", summary["baseline"]))
         emit(f"  speedup                 {summary['speedup']:.2f}x")
+    if summary["offloading"] and summary["target_steps"]:
+        places = ", ".join(f"{count} on {place}" for place, count in summary["offloading"].items())
+        verify_ms = 1000 * summary["time_split"].get("verification", 0.0) / summary["target_steps"]
+        emit(f"  offloaded target layers {places}; verification {verify_ms:.1f} ms per target step (trees up to "
+             f"{tree_size} nodes; per tree size: python -m utils.growmap_tool latency --offloading)")
     emit(f"results: {log.json_path}")

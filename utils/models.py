@@ -131,6 +131,20 @@ def load_hf_model(spec: str | None, dtype: torch.dtype, device: str | torch.devi
     return model.to(device).eval()
 
 
+def layer_placement(hf_model) -> dict[str, int] | None:
+    """Decoder layers per place ("cpu", "disk", a GPU index) of a model dispatched by accelerate
+    (--offloading); None for a model loaded whole onto one device."""
+    device_map = getattr(hf_model, "hf_device_map", None)
+    if not device_map:
+        return None
+    counts: dict[str, int] = {}
+    for index in range(hf_model.config.num_hidden_layers):
+        name = f"model.layers.{index}"
+        covering = max((key for key in device_map if key == "" or name == key or name.startswith(key + ".")), key=len)
+        counts[str(device_map[covering])] = counts.get(str(device_map[covering]), 0) + 1
+    return counts
+
+
 @dataclass(frozen=True)
 class DraftVocab:
     """A draft that predicts over a subset of the target's vocabulary (a cheaper LM head).

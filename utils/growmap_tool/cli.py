@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from engine.growmap import GrowmapError
-from utils.cli import OneLineParser, add_model_flags, add_prompt_flags
+from utils.cli import OneLineParser, add_model_flags, add_offload_flags, add_prompt_flags
 from utils.errors import UserError
 from utils.growmap_tool.build import cmd_build
 from utils.growmap_tool.draw import cmd_inspect
@@ -117,6 +117,7 @@ def _add_latency_command(commands) -> None:
     sub.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the random trees and tokens")
     sub.add_argument("-o", "--output", required=True, help="latency profile to write (.json)")
+    add_offload_flags(sub)  # a profile of the offloaded target, for search --latency
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,12 +35,14 @@ SEQUOIA_LEVELS = 10
 def load_models(args: argparse.Namespace, max_len: int):
     """(ModelPair, device, dtype) for --target/--model/--device/--dtype, each model with max_len cache slots."""
     from utils.cli import quiet_transformers, resolve_device, resolve_dtype
+    from utils.distributed.offload import target_loader
     from utils.experiment import load_pair
 
     quiet_transformers()  # as utils.cli.run_cli: keep stderr to our own lines
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    return load_pair(args.target, args.model, True, dtype, device, max_len), device, dtype
+    pair = load_pair(args.target, args.model, True, dtype, device, max_len, load_target=target_loader(args, device))
+    return pair, device, dtype
 
 
 def _environment(device: str, dtype: torch.dtype) -> dict:
@@ -252,6 +254,7 @@ def _draft_call(model, inputs):
 def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
     """Sequoia's hardware profile (arXiv 2402.12374, section 3.2): target forward time per tree size, draft step time."""
     from engine.drafters import append_tokens
+    from utils.models import layer_placement
 
     out = Path(args.output)
     if out.suffix != ".json":
@@ -288,7 +291,7 @@ def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
         "target_ms": median["target"], "draft_step_ms": median["draft"][str(args.draft_frontier)],
         "draft_frontier": args.draft_frontier, "draft_ms": median["draft"],
         "timings_ms": per, "prefix": args.prefix, "tree": args.tree, "repeats": repeats, "warmup": warmup,
-        "seed": args.seed, **_environment(device, dtype),
+        "seed": args.seed, "offloading": layer_placement(pair.target.hf_model), **_environment(device, dtype),
     }
     write_json(out, record)
     print(f"{'tokens':>6} {'target ms':>10} {'min':>8} {'max':>8}")
