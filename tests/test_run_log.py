@@ -120,3 +120,51 @@ def test_unwritable_results_dir_fails_before_any_model_loads(exact_args, tmp_pat
     code, stderr = run_in_process(monkeypatch, capsys, *args)
     assert code == 2 and len(stderr.strip().splitlines()) == 1
     assert "is not writable" in stderr  # not the missing target: the folder was checked first
+
+
+def crash_after(json_path: Path, rows: list[dict], kept: int) -> Path:
+    """A copy of a finished run as a crash leaves it: `kept` rows, half of the next, the starting summary."""
+    summary = json.loads(json_path.read_text())
+    stopped = json_path.with_name("stopped-" + json_path.name)
+    stopped.write_text(json.dumps({"script": summary["script"], "flags": summary["flags"], "partial": True}))
+    text = "".join(json.dumps(row) + "\n" for row in rows[:kept]) + json.dumps(rows[kept])[:30]
+    stopped.with_suffix(".jsonl").write_text(text)
+    return stopped
+
+
+def test_potential_tool_resumes_to_the_same_figures(monkeypatch, capsys, tmp_path, tiny_model_dirs):
+    from tests.test_potential import run_script as run_potential
+
+    flags = ["--target", tiny_model_dirs["target"], "--model", tiny_model_dirs["target"], tiny_model_dirs["draft"],
+             "--end", "3", "--prompt-len", "12", "--continuations", "--max-new-tokens", "5", "--M", "32",
+             "--device", "cpu", "--results-dir", str(tmp_path)]
+
+    def run(*extra: str) -> tuple[dict, list[dict], Path]:
+        assert run_potential(monkeypatch, *flags, *extra) == 0
+        path = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: "))
+        return *results_of(subprocess.CompletedProcess([], 0, f"results: {path}", "")), path
+
+    summary, rows, path = run()
+    stopped = crash_after(path, rows, 1)
+    resumed, resumed_rows, resumed_path = run("--resume", str(stopped))
+    assert resumed_path == stopped and resumed_rows == rows and resumed["partial"] is False
+    for key in ("potential", "continuation_potential", "ranking", "prompts"):
+        assert resumed[key] == summary[key], key
+
+
+def test_benchmark_resumes_to_the_same_outputs(capsys, tmp_path, tiny_model_dirs):
+    from tests.test_bench import run_bench
+
+    flags = ["--target", tiny_model_dirs["target"], "--model", tiny_model_dirs["draft"], "--end", "3",
+             "--max-new-tokens", "8", "--prompt-len", "24", "--growmap", str(REPO_ROOT / "growmaps" / "4x8-tree.pt"),
+             "--hf-dtype", "float32", "--dtype", "float32", "--methods", "static_tree", "--results-dir", str(tmp_path)]
+    summary, rows, _ = run_bench(capsys, *flags)
+    stopped = crash_after(next(tmp_path.glob("bench-*.json")), rows, 1)
+    resumed, resumed_rows, _ = run_bench(capsys, *flags, "--resume", str(stopped))
+
+    def outputs(rows: list[dict]) -> list[dict]:
+        return [{name: run["output_ids"] for name, run in row["outputs"].items()} for row in rows]
+
+    assert outputs(resumed_rows) == outputs(rows) and resumed["partial"] is False
+    for name in ("generate", "static_tree"):
+        assert resumed["methods"][name]["exact_matches"] == summary["methods"][name]["exact_matches"] == 3
