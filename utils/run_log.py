@@ -164,6 +164,11 @@ def open_run(results_dir: str, resume: str | None, script: str, flags: dict) -> 
     return resume_run(resume, script, flags) if resume else new_run(results_dir, script, flags)
 
 
+def launched_world_size() -> int:
+    """Processes a launcher started (torchrun and accelerate launch set WORLD_SIZE); 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class Processes:
     """What a sweep needs from its processes (utils/distributed.ProcessGroup; one process: all trivial)."""
 

@@ -272,11 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     from utils.bench.methods import prepare_methods, run_alternating
     from utils.cli import quiet_transformers, resolve_dtype
     from utils.data import load_prompts
-    from utils.distributed.processes import launched_world_size
     from utils.experiment import load_pair
     from utils.models import default_token_draft_for, load_hf_model
     from utils.report import emit, hardware, library_versions
-    from utils.run_log import open_run, sweep
+    from utils.run_log import launched_world_size, open_run, sweep
 
     args = parse_args(argv)
     validate_common(args)

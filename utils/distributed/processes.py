@@ -10,16 +10,9 @@ GPU or `--device cpu` was asked for. Note that `accelerate launch --cpu --num_pr
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from utils.run_log import SINGLE, Processes
-
-
-def launched_world_size() -> int:
-    """Processes the launcher started (torchrun and accelerate launch set WORLD_SIZE); 1 without one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from utils.run_log import SINGLE, Processes, launched_world_size
 
 
 class ProcessGroup(Processes):

@@ -120,11 +120,12 @@ def _add_latency_command(commands) -> None:
     add_offload_flags(sub)  # a profile of the offloaded target, for search --latency
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, target_loader=None) -> int:
+    """`target_loader(args, device)`: how `latency --offloading` loads the target (utils/distributed)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    handlers = {"build": cmd_build, "search": cmd_search, "inspect": cmd_inspect,
-                "acceptance": cmd_acceptance, "latency": cmd_latency}
+    handlers = {"build": cmd_build, "search": cmd_search, "inspect": cmd_inspect, "acceptance": cmd_acceptance,
+                "latency": lambda args, argv: cmd_latency(args, argv, target_loader)}
     try:
         handlers[args.command](args, argv)
     except (UserError, GrowmapError) as exc:

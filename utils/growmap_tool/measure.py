@@ -32,16 +32,20 @@ SEQUOIA_BUDGETS = (16, 32, 64, 128)  # budgets whose best predicted tokens/step 
 SEQUOIA_LEVELS = 10
 
 
-def load_models(args: argparse.Namespace, max_len: int):
-    """(ModelPair, device, dtype) for --target/--model/--device/--dtype, each model with max_len cache slots."""
+def load_models(args: argparse.Namespace, max_len: int, target_loader=None):
+    """(ModelPair, device, dtype) for --target/--model/--device/--dtype, each model with max_len cache slots;
+    target_loader(args, device) -> a load_pair target loader or None (--offloading: utils/distributed, handed
+    in by the entry point, since one subsystem does not import another)."""
     from utils.cli import quiet_transformers, resolve_device, resolve_dtype
-    from utils.distributed.offload import target_loader
     from utils.experiment import load_pair
 
     quiet_transformers()  # as utils.cli.run_cli: keep stderr to our own lines
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pair = load_pair(args.target, args.model, True, dtype, device, max_len, load_target=target_loader(args, device))
+    if getattr(args, "offloading", False) and target_loader is None:
+        raise UserError("--offloading is served by `python -m utils.growmap_tool`")
+    load_target = target_loader(args, device) if target_loader is not None else None
+    pair = load_pair(args.target, args.model, True, dtype, device, max_len, load_target=load_target)
     return pair, device, dtype
 
 
@@ -251,7 +255,7 @@ def _draft_call(model, inputs):
                                        .topk(k, dim=-1).indices)
 
 
-def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
+def cmd_latency(args: argparse.Namespace, argv: Sequence[str], target_loader=None) -> None:
     """Sequoia's hardware profile (arXiv 2402.12374, section 3.2): target forward time per tree size, draft step time."""
     from engine.drafters import append_tokens
     from utils.models import layer_placement
@@ -266,7 +270,7 @@ def cmd_latency(args: argparse.Namespace, argv: Sequence[str]) -> None:
         raise UserError("--warmup and --prefix must be >= 0")
     if args.threads is not None:
         torch.set_num_threads(positive("--threads", args.threads))
-    pair, device, dtype = load_models(args, args.prefix + max(sizes + draft_sizes))
+    pair, device, dtype = load_models(args, args.prefix + max(sizes + draft_sizes), target_loader)
     generator = torch.Generator().manual_seed(args.seed)
     vocab = pair.target.vocab_size
     prefix_ids = torch.randint(0, vocab, (args.prefix,), generator=generator).to(device)
