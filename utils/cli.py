@@ -3,6 +3,7 @@ device/dtype resolution."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
@@ -192,9 +193,14 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run a script's main(); a UserError or GrowmapError becomes one line on stderr and exit status 2."""
     quiet_transformers()
+    signal.signal(signal.SIGTERM, _interrupt)  # a preempted job or a launcher stopping its workers: keep results
     try:
         main()
     except (UserError, GrowmapError) as exc:
