@@ -110,6 +110,7 @@ class RowWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)  # another machine of a sweep may not have the folder yet
         self.file = open(path, "a")
         self.rows: list[dict] = []
 
