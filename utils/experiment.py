@@ -15,9 +15,9 @@ from engine.prompt_lookup import with_prompt_lookup
 from engine.sampling import Sampling
 from utils.data import Prompt
 from utils.errors import UserError
-from utils.run_log import SINGLE, Processes, open_run, sweep
 from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, is_feature_draft, layer_placement,
                           load_draft_vocab, load_feature_net, load_hf_model, load_tokenizer, resolve_model_path)
+from utils.run_log import SINGLE, Processes, open_run, sweep
 
 
 WARMUP_TOKENS = 4  # new tokens of the untimed warm-up call before timed runs
