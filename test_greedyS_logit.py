@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from utils.cli import OneLineParser, add_data_flags, add_model_flags, add_offload_flags, resolve_dtype, run_cli, validate_common
+from utils.cli import (OneLineParser, add_data_flags, add_model_flags, add_offload_flags, resolve_dtype, run_cli,
+                       validate_common)
 from utils.config import DEFAULTS
 from utils.data import load_prompts
 from utils.distributed.offload import target_loader
