@@ -82,3 +82,21 @@ def test_default_target_with_layers_on_disk_gives_the_same_tokens(tmp_path):
         assert outputs[0] == outputs[1]
     finally:
         torch.set_num_threads(UNIT_TEST_THREADS)
+
+
+def test_latency_profile_of_an_offloaded_target(tiny_model_dirs, tmp_path):
+    """growmap_tool latency --offloading times the target per tree size under the same placement (the profile
+    growmap_tool search --latency reads)."""
+    import json
+
+    from utils.distributed.offload import target_loader
+    from utils.growmap_tool.cli import main
+
+    out = tmp_path / "lat.json"
+    code = main(["latency", "--target", tiny_model_dirs["target"], "--model", tiny_model_dirs["draft"], "--device",
+                 "cpu", "--dtype", "float32", "--sizes", "1,8", "--draft-sizes", "1", "--draft-frontier", "1",
+                 "--repeats", "1", "--warmup", "0", "--prefix", "8", "-o", str(out), "--offloading", "--max-memory",
+                 "cpu=1", "--offload-folder", str(tmp_path / "offload")], target_loader=target_loader)
+    assert code == 0
+    profile = json.loads(out.read_text())
+    assert profile["offloading"] == {"disk": 2} and set(profile["target_ms"]) == {"1", "8"}
