@@ -51,8 +51,13 @@ HELP = {
     "kl_weight": "weight of the KL term for --loss mix (the CE term gets 1 - weight)",
     "cls_weight": "--arch feature: weight of the next-token CE term next to the feature regression",
     "feature_noise": "--arch feature: Gaussian noise on input features during training, as a share of their std",
-    "self_feed": "--arch feature: share of training steps whose input features are the draft's own predictions "
-                 "(from a first, gradient-free pass) instead of the target's, as for tree nodes below depth 1",
+    "ttt_steps": "--arch feature: training-time test (EAGLE-3): unroll K passes, pass j reading pass j - 1's "
+                 "predicted features with a tree chain's attention, as tree nodes at depth j do; loss at every "
+                 "pass, weighted 0.8^j; 1 = teacher-forced only (each step costs about K times as much)",
+    "target_layers": "--arch feature: target layers the draft reads, fused by its input projection: last (the "
+                     "final hidden state, as the shipped draft), or comma-separated indices in transformers' "
+                     "hidden_states numbering and names low, mid, high (EAGLE-3's 2, L//2, L-3), last (L); "
+                     "kept in the checkpoint",
     "seq_len": "longest training window, in tokens (rows are split, never joined)",
     "batch_size": "windows per optimizer step (per process)",
     "lr": "peak learning rate (AdamW)",

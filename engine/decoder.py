@@ -18,6 +18,7 @@ from engine.verifiers import verify
 
 class Drafter(Protocol):
     uses_target_features: bool  # wants the target's hidden states of committed slots (feature drafts)
+    target_layers: tuple[int, ...] | None  # which of them (TreeModel.forward's hidden_layers; None = the final)
 
     def record_target_features(self, start_slot: int, features: torch.Tensor) -> None: ...
     def reset(self) -> None: ...
@@ -86,7 +87,8 @@ def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[i
     drafter.reset()
     features = drafter.uses_target_features
     if len(prompt_ids) > 1:
-        prefill = append_tokens(target, committed[:-1], 0, last_logits=False, return_hidden=features)
+        prefill = append_tokens(target, committed[:-1], 0, last_logits=False, return_hidden=features,
+                                hidden_layers=drafter.target_layers)
         if features:
             drafter.record_target_features(0, prefill[1])
     result = DecodeResult(output_ids=[], target_steps=0)
@@ -98,7 +100,8 @@ def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[i
         root_slot = committed.shape[0] - 1
         nodes = torch.arange(tree.size, device=device)
         mask = tree_attention_mask(tree.ancestors, nodes, root_slot)
-        logits = target.forward(tree.tokens, root_slot + tree.depth, root_slot + nodes, mask, return_hidden=features)
+        logits = target.forward(tree.tokens, root_slot + tree.depth, root_slot + nodes, mask, return_hidden=features,
+                                hidden_layers=drafter.target_layers)
         if features:
             logits, hidden = logits
         verdict = verify(verifier, tree, logits, sampling, generator)

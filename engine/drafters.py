@@ -20,48 +20,54 @@ from engine.tree_mask import causal_mask, tree_attention_mask
 
 
 def append_tokens(model: TreeModel, token_ids: torch.Tensor, start: int, last_logits: bool = True,
-                  prev_features: torch.Tensor | None = None,
-                  return_hidden: bool = False) -> torch.Tensor | None | tuple[torch.Tensor | None, torch.Tensor]:
+                  prev_features: torch.Tensor | None = None, return_hidden: bool = False,
+                  hidden_layers: tuple[int, ...] | None = None
+                  ) -> torch.Tensor | None | tuple[torch.Tensor | None, torch.Tensor]:
     """Append a causal chunk of committed tokens (token_ids: [c] long) at slots/positions [start, start + c)
     and return the last token's logits ([own vocab]) if asked; the prefill skips the LM head entirely.
 
     A feature draft reads `prev_features` [c, d]; with `return_hidden` the chunk's final hidden states [c, d]
-    come back too, as (logits or None, hidden).
+    (or its `hidden_layers` side by side, see TreeModel.forward) come back too, as (logits or None, hidden).
     """
     count = token_ids.shape[0]
     slots = torch.arange(start, start + count, device=model.device)
     mask = causal_mask(count, start, model.device)
     rows = slots[-1:] - start if last_logits else slots[:0]
     out = model.forward(token_ids, slots, slots, mask, logits_rows=rows, return_hidden=return_hidden,
-                        prev_features=prev_features)
+                        prev_features=prev_features, hidden_layers=hidden_layers)
     logits, hidden = out if return_hidden else (out, None)
     last = logits[0] if last_logits else None
     return (last, hidden) if return_hidden else last
 
 
 def teacher_forced_logits(model: TreeModel, token_ids: torch.Tensor, rows: torch.Tensor,
-                          target_features: torch.Tensor | None = None,
-                          return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                          target_features: torch.Tensor | None = None, return_hidden: bool = False,
+                          hidden_layers: tuple[int, ...] | None = None,
+                          predicted_features: torch.Tensor | None = None
+                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One causal forward over a whole text from slot 0: token_ids [L] long (target ids), rows [r] long.
 
     Returns the next-token logits of `rows` over the model's own vocabulary, [r, own vocab]: every position's
     distribution from a single forward, which is how draft quality is measured without decoding; with
-    `return_hidden` also the final hidden states of all L positions, [L, d]: for the target, the features a
-    feature draft reads; for a feature draft, its predicted features.
-    A feature draft needs the target's `target_features` [L, d]. Handed its own predicted features instead,
-    it gives the self-fed logits, as the children of every non-root tree node are drafted. (There every
-    position is self-fed, also the context, where decoding uses the target's real features: a slightly
-    pessimistic stand-in.)
+    `return_hidden` also the hidden states of all L positions: for the target, the features a feature draft
+    reads ([L, d], or its `hidden_layers` side by side, [L, k * d]: pass the draft's `target_layers`); for a
+    feature draft, its predicted features [L, d].
+    A feature draft reads either the target's `target_features` (as the target returned them) or its own
+    `predicted_features` [L, d] from an earlier call: the self-fed logits, as the children of every non-root
+    tree node are drafted. (There every position is self-fed, also the context, where decoding uses the
+    target's real features: a slightly pessimistic stand-in.)
     """
     length = token_ids.shape[0]
     slots = torch.arange(length, device=model.device)
     prev_features = None
     if model.uses_target_features:
-        if target_features is None:
-            raise ValueError("a feature draft's logits need the target's features: pass target_features=")
-        prev_features = shift_features(target_features)
+        if (target_features is None) == (predicted_features is None):
+            raise ValueError("a feature draft's logits need either the target's features (target_features=) or "
+                             "its own predicted features (predicted_features=)")
+        own = predicted_features if target_features is None else model.target_feature(target_features)
+        prev_features = shift_features(own)
     return model.forward(token_ids, slots, slots, causal_mask(length, 0, model.device), logits_rows=rows,
-                         return_hidden=return_hidden, prev_features=prev_features)
+                         return_hidden=return_hidden, prev_features=prev_features, hidden_layers=hidden_layers)
 
 
 class DraftCache:
@@ -92,9 +98,10 @@ class DraftCache:
         self.cached_len = 0
 
     def record_target_features(self, start_slot: int, features: torch.Tensor) -> None:
-        """features: [n, d] the target's final hidden states at slots [start_slot, start_slot + n)."""
+        """features: [n, d] the target's final hidden states at slots [start_slot, start_slot + n) (a draft of
+        fused layers: [n, k * d], its `target_layers`' states, kept as the fused [n, d] feature)."""
         if self.uses_features:
-            self.feature_log[start_slot + 1:start_slot + 1 + features.shape[0]] = features
+            self.feature_log[start_slot + 1:start_slot + 1 + features.shape[0]] = self.draft.target_feature(features)
 
     def catch_up(self, committed: torch.Tensor) -> torch.Tensor:
         """committed: [L] long, all committed tokens (the last one is this step's root).
@@ -191,6 +198,7 @@ class StaticTreeDrafter:
         self.draft, self.growmap, self.sampling, self.sample_children = draft, growmap, sampling, sample_children
         self.cache = DraftCache(draft, growmap.size)
         self.uses_target_features = draft.uses_target_features
+        self.target_layers = draft.target_layers
         self.parents = growmap.parents.to(device)
         self.depth = growmap.depth.to(device)
         self.ancestors = growmap.mask.to(device)

@@ -97,6 +97,7 @@ class DynamicTreeDrafter:
         self.max_runs = 1 + min(width, budget - 1) * (max_depth - 1)
         self.cache = DraftCache(draft, self.max_runs)
         self.uses_target_features = draft.uses_target_features
+        self.target_layers = draft.target_layers
         self.run_of_node: list[int] = [0]
 
     @staticmethod

@@ -60,6 +60,7 @@ class TreeModel:
         return self.cache.max_len
 
     uses_target_features = False  # True for drafts that read the target's hidden states (engine/feature_draft.py)
+    target_layers: tuple[int, ...] | None = None  # a feature draft's choice of target layers (None: the last)
 
     def placeholder_features(self, count: int) -> torch.Tensor | None:
         """`prev_features` for timing runs: None for a plain model, zeros for a feature draft (values do not
@@ -81,7 +82,8 @@ class TreeModel:
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
                 attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None, return_hidden: bool = False,
-                prev_features: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                prev_features: torch.Tensor | None = None,
+                hidden_layers: tuple[int, ...] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run n new tokens and return their next-token logits.
 
         token_ids: [n] long target-vocabulary ids; positions: [n] long RoPE positions;
@@ -90,17 +92,24 @@ class TreeModel:
         through the LM head (prefill only needs the last). Returns [n or r, vocab] float32 logits over the
         model's own vocabulary (map columns with `to_target_ids`); with return_hidden also the final
         (normed) hidden states of all n tokens, [n, d] — the features a feature-level draft reads (for a
-        feature draft: its predicted features). A feature draft reads `prev_features` [n, d], the features of
-        each token's previous position.
+        feature draft: its predicted features). With `hidden_layers` (k indices in transformers' `hidden_states`
+        numbering: 0 = the embedding, i < L = the residual stream after decoder layer i, L = the final normed
+        state) the hidden states returned are those layers' side by side, [n, k * d]: what a fused-layer
+        feature draft reads.
+        A feature draft reads `prev_features` [n, d], the features of each token's previous position.
         """
-        hidden = self.run_layers(self.embed_inputs(token_ids, prev_features), positions, kv_slots, attn_mask)
+        hidden, kept = self.run_layers(self.embed_inputs(token_ids, prev_features), positions, kv_slots, attn_mask,
+                                       hidden_layers or ())
         rows = hidden if logits_rows is None else hidden[logits_rows]
         logits = self.lm_head(rows).float()
-        return (logits, hidden) if return_hidden else logits
+        if not return_hidden:
+            return logits
+        return logits, (hidden if hidden_layers is None else torch.cat(kept, dim=-1))
 
     def run_layers(self, embedded: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
-                   attn_mask: torch.Tensor) -> torch.Tensor:
-        """The decoder stack over the cache: embedded [n, d] -> final normed hidden states [n, d]."""
+                   attn_mask: torch.Tensor, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The decoder stack over the cache: embedded [n, d] -> (final normed hidden states [n, d], the states
+        named in `keep` [n, d] each, in `keep`'s order, numbered as `forward`'s hidden_layers)."""
         kv_len = attn_mask.shape[1]
         mask = attn_mask[None, None]                                  # [1, 1, n, S]
         gqa = self.kv_heads != self.num_heads
@@ -110,22 +119,28 @@ class TreeModel:
             keys, values = self.cache.read(index, kv_len)
             return F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, enable_gqa=gqa)
 
-        hidden = decoder_stack(self.layers, embedded[None], self.rotary, positions[None], self.num_heads,
-                               self.kv_heads, self.head_dim, attend)
-        return self.norm(hidden[0])
+        hidden, kept = decoder_stack(self.layers, embedded[None], self.rotary, positions[None], self.num_heads,
+                                     self.kv_heads, self.head_dim, attend, keep)
+        final = self.norm(hidden[0])
+        # index L is the final (normed) state, as in transformers' hidden_states
+        return final, [final if index == len(self.layers) else state[0] for index, state in zip(keep, kept)]
 
 
 def decoder_stack(layers: list[nn.Module], hidden: torch.Tensor, rotary: nn.Module, positions: torch.Tensor,
-                  num_heads: int, kv_heads: int, head_dim: int, attend) -> torch.Tensor:
+                  num_heads: int, kv_heads: int, head_dim: int, attend,
+                  keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Llama decoder layers (pre-norm attention + MLP) over hidden [b, n, d] at positions [b, n].
 
     `attend(layer_index, q, k, v)` does the attention itself (q [b, heads, n, hd], k/v [b, kv_heads, n, hd],
     RoPE applied) and returns [b, heads, n, hd]: the engine reads and writes its KV cache there, training
     uses a plain causal attention. Shared so that a feature draft trains and runs through the same code.
+    Returns the last layer's output [b, n, d] (before the final norm) and the states after the layers named
+    in `keep` (0 = the input), [b, n, d] each, in `keep`'s order.
     """
     b, n = hidden.shape[:2]
     cos, sin = rotary(hidden, positions)
     cos, sin = cos[:, None], sin[:, None]
+    states = {0: hidden} if 0 in keep else {}
     for index, layer in enumerate(layers):
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
@@ -137,7 +152,9 @@ def decoder_stack(layers: list[nn.Module], hidden: torch.Tensor, rotary: nn.Modu
         out = attend(index, q, k, v)
         hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return hidden
+        if index + 1 in keep:
+            states[index + 1] = hidden
+    return hidden, [states[i] for i in keep]
 
 
 def to_target_vocab(draft_values: torch.Tensor, output_ids: torch.Tensor | None, target_vocab_size: int,

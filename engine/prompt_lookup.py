@@ -96,6 +96,7 @@ class PromptLookupDrafter:
                              "verification): copied tokens have no draft probability")
         self.inner, self.max_tokens, self.max_ngram = inner, max_tokens, max_ngram
         self.uses_target_features = inner is not None and inner.uses_target_features
+        self.target_layers = None if inner is None else inner.target_layers
         self.inner_size = 1  # size of the wrapped drafter's tree this step (grafted nodes come after it)
 
     def reset(self) -> None:

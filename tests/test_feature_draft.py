@@ -37,19 +37,24 @@ VOCAB = 96
 
 
 
-def feature_pair(head_subset: bool, seed: int = 3) -> tuple[TreeModel, FeatureDraftModel]:
+FUSED = (0, 1, 2)  # every layer of the 2-layer tiny target: embedding, layer 1, final normed state
+
+
+def feature_pair(head_subset: bool, seed: int = 3,
+                 target_layers: tuple[int, ...] | None = None) -> tuple[TreeModel, FeatureDraftModel]:
     hf = tiny_llama(0, vocab=VOCAB)
     torch.manual_seed(seed)
     head_ids = torch.arange(0, VOCAB, 3) if head_subset else None
     head = hf.lm_head.weight if head_ids is None else hf.lm_head.weight[head_ids]
-    net = FeatureDraftNet(feature_config(hf.config, 1, None), hf.model.embed_tokens.weight, head).eval()
+    config = feature_config(hf.config, 1, None, target_layers)
+    net = FeatureDraftNet(config, hf.model.embed_tokens.weight, head).eval()
     return TreeModel(hf, 512), FeatureDraftModel(net, 512, head_ids)
 
 
-@pytest.mark.parametrize("head_subset", [False, True])
+@pytest.mark.parametrize("head_subset,target_layers", [(False, None), (True, None), (True, FUSED)])
 @pytest.mark.parametrize("prompt_len", [1, 11])
-def test_greedy_output_equals_autoregressive(head_subset, prompt_len):
-    target, draft = feature_pair(head_subset)
+def test_greedy_output_equals_autoregressive(head_subset, target_layers, prompt_len):
+    target, draft = feature_pair(head_subset, target_layers=target_layers)
     prompt = random_prompt(prompt_len, VOCAB, 5)
     reference = autoregressive_generate(target, prompt, 48, set(), GREEDY, torch.Generator()).output_ids
     shapes = (chain(4), kary_tree(2, 3), wxd_tree(3, 4))
@@ -70,10 +75,12 @@ def test_sampling_verifiers_run_with_a_feature_draft():
         assert len(result.output_ids) == 40 and all(0 <= t < VOCAB for t in result.output_ids)
 
 
-def test_draft_reads_the_targets_feature_of_the_previous_slot(monkeypatch):
+@pytest.mark.parametrize("target_layers", [None, FUSED, (1,)])
+def test_draft_reads_the_targets_feature_of_the_previous_slot(monkeypatch, target_layers):
     """Every committed slot p the draft runs gets the target's final hidden state of slot p - 1 (zero at 0),
-    the same as a teacher-forced target forward over the whole output gives."""
-    target, draft = feature_pair(False)
+    or for a fused-layer draft its chosen layers' states through `target_fc`, the same as a teacher-forced
+    target forward over the whole output gives."""
+    target, draft = feature_pair(False, target_layers=target_layers)
     seen: dict[int, torch.Tensor] = {}
     catch_up = DraftCache.catch_up
 
@@ -90,7 +97,9 @@ def test_draft_reads_the_targets_feature_of_the_previous_slot(monkeypatch):
     text = torch.tensor(prompt + out)
     fresh = TreeModel(target.hf_model, 512)
     slots = torch.arange(len(text))
-    _, hidden = fresh.forward(text, slots, slots, torch.ones(len(text), len(text)).tril().bool(), return_hidden=True)
+    _, hidden = fresh.forward(text, slots, slots, torch.ones(len(text), len(text)).tril().bool(), return_hidden=True,
+                              hidden_layers=target_layers)
+    hidden = draft.target_feature(hidden)
     assert sorted(seen) == list(range(len(seen))) and len(seen) > len(prompt)  # each committed slot, once
     for slot, feature in seen.items():
         expected = torch.zeros_like(feature) if slot == 0 else hidden[slot - 1]
@@ -165,17 +174,17 @@ def test_token_only_flags_are_refused_for_a_feature_draft(tmp_path, tiny_target,
         train(feature_settings(tmp_path / "run", tiny_target, text_file, loss="kl"))
 
 
-def test_resumed_run_equals_an_uninterrupted_one_with_self_feed(tmp_path, tiny_target, text_file):
+def test_resumed_run_equals_an_uninterrupted_one_with_ttt(tmp_path, tiny_target, text_file):
     from safetensors.torch import load_file
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(feature_settings(straight, tiny_target, text_file, max_steps=20, save_steps=20, self_feed=0.5))
-    train(feature_settings(resumed, tiny_target, text_file, max_steps=20, save_steps=10, self_feed=0.5,
+    train(feature_settings(straight, tiny_target, text_file, max_steps=20, save_steps=20, ttt_steps=2))
+    train(feature_settings(resumed, tiny_target, text_file, max_steps=20, save_steps=10, ttt_steps=2,
                            max_minutes=0.0))
     # interrupt: drop the final checkpoint and resume from checkpoint-10
     import shutil
     shutil.rmtree(resumed / "checkpoint-20")
-    train(feature_settings(resumed, tiny_target, text_file, max_steps=20, save_steps=10, self_feed=0.5, resume=True))
+    train(feature_settings(resumed, tiny_target, text_file, max_steps=20, save_steps=10, ttt_steps=2, resume=True))
     a = load_file(str(straight / "checkpoint-20" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoint-20" / "model.safetensors"))
     assert a.keys() == b.keys()

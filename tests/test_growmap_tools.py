@@ -278,7 +278,7 @@ def test_prompt_counts_of_a_feature_draft_measure_both_regimes(tiny_pair, featur
     rows = torch.arange(len(prompt) - 1, tokens.shape[0])
     target_logits, features = teacher_forced_logits(target, tokens, rows, return_hidden=True)
     fed, predicted = teacher_forced_logits(draft, tokens, rows, features, return_hidden=True)
-    self_fed = teacher_forced_logits(draft, tokens, rows, predicted)
+    self_fed = teacher_forced_logits(draft, tokens, rows, predicted_features=predicted)
     for counts, own_logits in ((measured.deep, self_fed), (measured.root, fed)):
         draft_logits = in_target_vocab(draft, own_logits)
         assert torch.equal(counts, acceptance_counts(target_logits, draft_logits, width, greedy, gen()))

@@ -109,10 +109,11 @@ def test_greedy_output_equals_autoregressive(kind):
         assert copied > 0
 
 
-def test_feature_draft_with_lookup_equals_autoregressive():
+@pytest.mark.parametrize("target_layers", [None, (0, 1, 2)])
+def test_feature_draft_with_lookup_equals_autoregressive(target_layers):
     from tests.test_feature_draft import feature_pair
 
-    target, draft = feature_pair(head_subset=True)
+    target, draft = feature_pair(head_subset=True, target_layers=target_layers)
     drafter = PromptLookupDrafter(StaticTreeDrafter(draft, G.kary_tree(2, 2), GREEDY, False), 5)
     prompt = random_prompt(7, 96, 4) * 2
     ar = autoregressive_generate(target, prompt, 30, set(), GREEDY, torch.Generator())
@@ -124,6 +125,7 @@ class RecordingDrafter:
     """A stand-in drafter: proposes a fixed 3-node tree (root, children 1 and 2) and records what it is told."""
 
     uses_target_features = False
+    target_layers = None
     sample_children = False
 
     def __init__(self) -> None:

@@ -87,8 +87,10 @@ def prompt_counts(pair, prompt_ids: list[int], steps: int, width: int, sampling,
     continuation = autoregressive_generate(pair.target, prompt_ids, steps, pair.eos_ids, sampling, generator).output_ids
     tokens = torch.tensor(prompt_ids + continuation[:-1], dtype=torch.long, device=device)  # [L]
     rows = torch.arange(len(prompt_ids) - 1, tokens.shape[0], device=device)               # [len(continuation)]
-    # one target forward gives its logits and the features a feature draft reads
-    target_logits, features = teacher_forced_logits(pair.target, tokens, rows, return_hidden=True)  # [n, V], [L, d]
+    # one target forward gives its logits and the features a feature draft reads ([L, d], or [L, k * d] for
+    # a draft of k fused layers)
+    target_logits, features = teacher_forced_logits(pair.target, tokens, rows, return_hidden=True,
+                                                    hidden_layers=pair.draft.target_layers)
 
     def counts(draft_logits: torch.Tensor) -> torch.Tensor:                                # [n, own V]
         return acceptance_counts(target_logits, in_target_vocab(pair.draft, draft_logits), width, sampling,
@@ -98,7 +100,8 @@ def prompt_counts(pair, prompt_ids: list[int], steps: int, width: int, sampling,
         return PromptCounts(counts(teacher_forced_logits(pair.draft, tokens, rows)), None)
     # fed the target's features (the root's children), then its own predictions (every deeper node)
     fed, predicted = teacher_forced_logits(pair.draft, tokens, rows, features, return_hidden=True)
-    deep = counts(teacher_forced_logits(pair.draft, tokens, rows, predicted))  # deep first: the draws' order
+    # deep first: the draws' order
+    deep = counts(teacher_forced_logits(pair.draft, tokens, rows, predicted_features=predicted))
     return PromptCounts(deep, counts(fed))
 
 

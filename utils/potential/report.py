@@ -45,20 +45,31 @@ def continuation_rows(text: PromptText) -> tuple[int, int]:
 
 
 def all_position_logits(model: TreeModel, ids: torch.Tensor, target_features: torch.Tensor | None = None,
-                        return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                        return_hidden: bool = False,
+                        hidden_layers: tuple[int, ...] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Next-token logits at every position of `ids` ([n] long, target ids): [n, model's own vocab]
-    (a feature draft reads the target's features [n, d]; `return_hidden` also gives a plain model's)."""
+    (a feature draft reads the target's features [n, d] or [n, k * d]; `return_hidden` also gives a plain
+    model's, of its `hidden_layers` if named)."""
     return teacher_forced_logits(model, ids, torch.arange(ids.shape[0], device=model.device), target_features,
-                                 return_hidden=return_hidden)
+                                 return_hidden=return_hidden, hidden_layers=hidden_layers)
 
 
 def score_prompt(text: PromptText, target: TreeModel, drafts: dict[str, TreeModel], temperature: float,
                  top_p: float) -> dict[str, PositionFigures]:
-    """Per-position figures of every draft on one text (one teacher-forced forward per model)."""
+    """Per-position figures of every draft on one text (one teacher-forced forward per model, and one more
+    target forward per other choice of target layers that a fused-layer feature draft reads)."""
     ids = torch.tensor(text.ids, dtype=torch.long, device=target.device)
-    target_logits, features = all_position_logits(target, ids, return_hidden=True)
-    return {name: position_figures(target_logits, all_position_logits(draft, ids, features), temperature, top_p,
-                                   draft.output_ids, DEFAULT_EPSILON)
+    target_logits, final_states = all_position_logits(target, ids, return_hidden=True)
+    states = {None: final_states}
+
+    def read_by(draft: TreeModel) -> torch.Tensor:
+        if draft.target_layers not in states:
+            states[draft.target_layers] = all_position_logits(target, ids, return_hidden=True,
+                                                              hidden_layers=draft.target_layers)[1]
+        return states[draft.target_layers]
+
+    return {name: position_figures(target_logits, all_position_logits(draft, ids, read_by(draft)), temperature,
+                                   top_p, draft.output_ids, DEFAULT_EPSILON)
             for name, draft in drafts.items()}
 
 

@@ -6,15 +6,16 @@ kept (bfloat16, cached in --output-dir so a resumed run does not recompute them)
 every position t of a window, to predict the target's feature h(t) from token t and h(t - 1):
   loss = smooth-L1(predicted h(t), h(t)) + cls_weight * CE(target's next-token distribution, draft's),
 both distributions over the draft head's vocabulary subset (EAGLE's recipe). The input features get a little
-Gaussian noise during training, and with --self-feed a share of the steps feeds the draft its own
-predictions from a gradient-free first pass, because at inference a tree node's input is the draft's own
-prediction of its parent's feature (a cheap form of EAGLE-3's training-time test).
+Gaussian noise during training. Two EAGLE-3 changes (arXiv 2503.01840): --ttt-steps K unrolls K passes, pass j
+reading pass j - 1's predictions with a tree chain's attention (`FeatureDraftNet.forward`), because at inference
+a tree node below the root reads the draft's own prediction of its parent's feature; the loss is the mean of
+every pass's, weighted 0.8^j as in EAGLE-3's code. --target-layers makes the draft read several target
+layers, fused by its input projection; the final hidden state is then kept beside them as the loss's target.
 """
 from __future__ import annotations
 
 import functools
 import json
-import random
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -23,13 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.feature_draft import FEATURE_DRAFT_KEY, FeatureDraftNet, shift_features
+from engine.feature_draft import FEATURE_DRAFT_KEY, FeatureDraftNet
 from utils.errors import UserError
 from utils.models import (DraftVocab, head_weight, load_draft_vocab, load_feature_net, load_hf_model, load_tokenizer,
                           resolve_model_path)
 from utils.training.common import (LoopHooks, adamw, prepare_output_dir, restore_training_state, train_loop,
                                    write_run_info)
-from utils.training.settings import TrainSettings, validate
+from utils.training.settings import TrainSettings, parse_target_layers, validate
 from utils.training.training_data import (check_tokenizer_match, choose_subset, heldout_coverage, load_training_data,
                                           split_rows, windows)
 
@@ -39,8 +40,16 @@ FEATURE_CACHE = "target_features.pt"
 FEATURE_DTYPE = torch.bfloat16  # targets features are computed in: the engine's CPU default (AMX), and compact
 
 
-def feature_config(target_config, num_layers: int, intermediate_size: int | None):
-    """The draft layer's LlamaConfig: the target's attention shape, `num_layers` layers, marked as a feature draft."""
+TTT_DECAY = 0.8  # weight of unrolled pass j's loss: TTT_DECAY ** j (EAGLE-3's training code)
+
+
+EVAL_DEPTHS = 3  # held-out top-1 agreement is reported at tree depths 1..EVAL_DEPTHS
+
+
+def feature_config(target_config, num_layers: int, intermediate_size: int | None,
+                   target_layers: tuple[int, ...] | None = None):
+    """The draft layer's LlamaConfig: the target's attention shape, `num_layers` layers, marked as a feature draft
+    (with the target layers it reads, unless it reads the final hidden state: the marker of older drafts)."""
     from transformers import LlamaConfig
 
     data = target_config.to_dict()
@@ -51,7 +60,8 @@ def feature_config(target_config, num_layers: int, intermediate_size: int | None
         data["intermediate_size"] = intermediate_size
     data["model_type"] = "llama"
     config = LlamaConfig(**data)
-    setattr(config, FEATURE_DRAFT_KEY, {"layers": num_layers})
+    marker = {"layers": num_layers} | ({} if target_layers is None else {"target_layers": list(target_layers)})
+    setattr(config, FEATURE_DRAFT_KEY, marker)
     return config
 
 
@@ -75,16 +85,19 @@ def save_feature_folder(net: FeatureDraftNet, tokenizer, vocab: DraftVocab | Non
 
 @torch.inference_mode()
 def compute_features(target_hf, tokens: np.ndarray, spans: list[tuple[int, int]], batch_size: int,
+                     layers: tuple[int, ...] | None = None,
                      show_progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
-    """The target's final hidden states over every span, run teacher-forced span by span (right padding).
+    """The target's final hidden states over every span, run teacher-forced span by span (right padding),
+    followed, for a draft of fused `layers`, by those layers' states (`split_states`).
 
-    Returns (features [sum of span lengths, d] in the target's dtype, start offset of each span's rows).
+    Returns (features [sum of span lengths, d or (1 + k) d] in the target's dtype, start offset of each span's
+    rows).
     """
     from tqdm import tqdm
 
     lengths = np.array([b - a for a, b in spans], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    d = target_hf.config.hidden_size
+    d = target_hf.config.hidden_size * (1 if layers is None else 1 + len(layers))
     out = torch.empty(int(starts[-1]), d, dtype=target_hf.dtype)
     order = np.argsort(lengths, kind="stable")
     device = target_hf.device
@@ -97,7 +110,12 @@ def compute_features(target_hf, tokens: np.ndarray, spans: list[tuple[int, int]]
             a, b = spans[i]
             ids[r, :b - a] = torch.from_numpy(tokens[a:b].astype(np.int64))
             mask[r, :b - a] = 1
-        hidden = target_hf.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.cpu()
+        run = target_hf.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              output_hidden_states=layers is not None)
+        hidden = run.last_hidden_state
+        if layers is not None:
+            hidden = torch.cat([hidden] + [run.hidden_states[i] for i in layers], dim=-1)
+        hidden = hidden.cpu()
         for r, i in enumerate(chunk):
             out[starts[i]:starts[i + 1]] = hidden[r, :lengths[i]]
     return out, starts
@@ -109,17 +127,20 @@ def feature_target_loader(target: str | None) -> Callable[[], torch.nn.Module]:
 
 
 def cached_features(target: str | None, load_target: Callable[[], torch.nn.Module], tokens: np.ndarray,
-                    spans: list[tuple[int, int]], batch_size: int, path: Path) -> tuple[torch.Tensor, np.ndarray]:
-    """compute_features, saved to `path` and reused when the spans and the target (`target`, the name that
-    `load_target` loads) are the same."""
+                    spans: list[tuple[int, int]], batch_size: int, path: Path,
+                    layers: tuple[int, ...] | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """compute_features, saved to `path` and reused when the spans, the target (`target`, the name that
+    `load_target` loads) and the layers are the same."""
     key = {"spans": len(spans), "tokens": int(sum(b - a for a, b in spans)),
            "checksum": int(sum(int(tokens[a]) * (i + 1) for i, (a, _) in enumerate(spans)) % (1 << 61)),
            "target": resolve_model_path(target)}
+    if layers is not None:  # absent for the final state alone, so caches written before fused layers still match
+        key["target_layers"] = list(layers)
     if path.is_file():
         saved = torch.load(path, weights_only=False)
         if saved.get("key") == key:
             return saved["features"], saved["starts"]
-    features, starts = compute_features(load_target(), tokens, spans, batch_size)
+    features, starts = compute_features(load_target(), tokens, spans, batch_size, layers)
     tmp = path.with_suffix(".tmp")
     torch.save({"key": key, "features": features, "starts": starts}, tmp)
     tmp.replace(path)
@@ -141,6 +162,13 @@ def feature_batch(tokens: np.ndarray, spans: list[tuple[int, int]], features: to
     return ids, feats, valid
 
 
+def split_states(feats: torch.Tensor, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `compute_features` [..., d or (1 + k) d] -> (the target's final hidden state [..., d]: what the
+    draft predicts, the states the draft reads [..., d or k * d]: the same tensor for a final-state draft)."""
+    final = feats[..., :hidden_size]
+    return final, (final if feats.shape[-1] == hidden_size else feats[..., hidden_size:])
+
+
 def feature_losses(net: FeatureDraftNet, predicted: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor,
                    cls_weight: float) -> dict[str, torch.Tensor]:
     """Smooth-L1 on the features and soft CE against the target's next-token distribution (head subset)."""
@@ -157,27 +185,31 @@ def feature_losses(net: FeatureDraftNet, predicted: torch.Tensor, feats: torch.T
 
 @torch.no_grad()
 def feature_metrics(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: torch.Tensor | None,
-                    ids: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor,
-                    predicted: torch.Tensor) -> dict[str, int]:
-    """Agreement with the target's greedy token (over its full vocabulary): top-1 and top-4 with the target's
-    features as input (depth 1 of a tree: `predicted` = net(ids, shift_features(feats))), and top-1 with the
-    draft's own predicted features as input (depth 2)."""
-    greedy = (feats.float() @ full_head.float().T).argmax(-1)
-    counts = {"positions": int(valid.sum())}
-    for name, pred in (("d1", predicted), ("d2", net(ids, shift_features(predicted)))):
+                    final: torch.Tensor, valid: torch.Tensor, predicted: torch.Tensor) -> dict[str, int]:
+    """Agreement with the target's greedy token (over its full vocabulary) at tree depths 1..D: `predicted`
+    [D, b, n, d] is the net's unrolled forward (pass j = the depth-(j + 1) drafts, on the draft's own
+    predictions below depth 1); top-1 at every depth, top-4 at depth 1. Position t counts at depth j + 1 when
+    t >= j (the chain's root is in the row)."""
+    greedy = (final.float() @ full_head.float().T).argmax(-1)
+    counts: dict[str, int] = {}
+    for step, pred in enumerate(predicted):
         top = (pred.float() @ net.head.weight.float().T).topk(4, -1).indices
         if head_ids is not None:
             top = head_ids[top]
-        counts[f"top1_{name}"] = int(((top[..., 0] == greedy) & valid).sum())
-        if name == "d1":
-            counts["top4_d1"] = int(((top == greedy[..., None]).any(-1) & valid).sum())
+        rows = valid.clone()
+        rows[:, :step] = False
+        counts[f"positions_d{step + 1}"] = int(rows.sum())
+        counts[f"top1_d{step + 1}"] = int(((top[..., 0] == greedy) & rows).sum())
+        if step == 0:
+            counts["top4_d1"] = int(((top == greedy[..., None]).any(-1) & rows).sum())
     return counts
 
 
 def evaluate_features(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: torch.Tensor | None,
                       tokens: np.ndarray, spans: list[tuple[int, int]], features: torch.Tensor, starts: np.ndarray,
                       batch_size: int, cls_weight: float) -> dict[str, float]:
-    """Held-out losses per position and agreement rates (see feature_metrics), on the net's device."""
+    """Held-out losses per position of the teacher-forced pass and agreement rates at depths 1..EVAL_DEPTHS
+    (see feature_metrics), on the net's device."""
     if not spans:
         return {}
     device = net.fc.weight.device
@@ -191,18 +223,22 @@ def evaluate_features(net: FeatureDraftNet, full_head: torch.Tensor, head_ids: t
         for j in range(0, len(spans), batch_size):
             chosen = list(range(j, min(j + batch_size, len(spans))))
             ids, feats, valid = (t.to(device) for t in feature_batch(tokens, spans, features, starts, chosen))
-            predicted = net(ids, shift_features(feats))
-            for k, v in feature_losses(net, predicted, feats, valid, cls_weight).items():
+            final, states = split_states(feats, net.config.hidden_size)
+            predicted = net(ids, states, EVAL_DEPTHS)
+            for k, v in feature_losses(net, predicted[0], final, valid, cls_weight).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            for k, v in feature_metrics(net, full_head, head_ids, ids, feats, valid, predicted).items():
+            for k, v in feature_metrics(net, full_head, head_ids, final, valid, predicted).items():
                 sums[k] = sums.get(k, 0.0) + v
             batches += 1
     net.train(was_training)
-    n = max(sums.get("positions", 0.0), 1.0)
+
+    def rate(name: str, depth: int) -> float:
+        return sums[f"{name}_d{depth}"] / max(sums[f"positions_d{depth}"], 1.0)
+
     out = {f"heldout_{k}": sums[k] / max(batches, 1) for k in ("loss", "reg", "cls")}
-    out |= {"heldout_top1": sums["top1_d1"] / n, "heldout_top4": sums["top4_d1"] / n,
-            "heldout_top1_depth2": sums["top1_d2"] / n, "heldout_positions": int(n)}
-    return out
+    out |= {"heldout_top1": rate("top1", 1), "heldout_top4": rate("top4", 1)}
+    out |= {f"heldout_top1_depth{depth}": rate("top1", depth) for depth in range(2, EVAL_DEPTHS + 1)}
+    return out | {"heldout_positions": int(sums["positions_d1"])}
 
 
 def evaluate_feature_draft_only(s: TrainSettings) -> dict[str, float]:
@@ -216,7 +252,8 @@ def evaluate_feature_draft_only(s: TrainSettings) -> dict[str, float]:
     spans = windows(held, s.seq_len)
     Path(s.output_dir).mkdir(parents=True, exist_ok=True)
     features, starts = cached_features(s.target, feature_target_loader(s.target), held.tokens, spans,
-                                       s.batch_size, Path(s.output_dir) / ("heldout_" + FEATURE_CACHE))
+                                       s.batch_size, Path(s.output_dir) / ("heldout_" + FEATURE_CACHE),
+                                       net.target_layers)
     head_ids = None if head_list is None else torch.tensor(head_list)
     return evaluate_features(net, target.lm_head.weight.detach(), head_ids, held.tokens, spans, features, starts,
                              s.batch_size, s.cls_weight) | {
@@ -225,31 +262,51 @@ def evaluate_feature_draft_only(s: TrainSettings) -> dict[str, float]:
 
 def feature_net_to_train(s: TrainSettings, target, tokenizer, train_data, init: str | Path | None):
     """(net, vocabulary subset or None, coverage of the training tokens or None): continued from `init`
-    (a checkpoint or --init), else a fresh one-layer net on the target's embedding and head."""
+    (a checkpoint or --init, whose target layers it keeps), else a fresh one-layer net on the target's
+    embedding and head that reads --target-layers."""
+    layers = parse_target_layers(s.target_layers, target.config.num_hidden_layers)
     if init is not None:
         check_tokenizer_match(load_tokenizer(str(init)), tokenizer, str(init), s.target)
         net, _ = load_feature_net(init, target)
+        if s.target_layers != TrainSettings.target_layers and layers != net.target_layers:
+            raise UserError(f"--target-layers {s.target_layers!r} differs from the layers {init} reads "
+                            f"({net.target_layers or 'last'}): a draft keeps the layers it was trained on")
         return net, load_draft_vocab(str(init)), None
     vocab, coverage = choose_subset(s, tokenizer, train_data)
     head_list = vocab.draft_to_target if vocab is not None else None
-    config = feature_config(target.config, s.num_layers or 1, s.intermediate_size)
-    return FeatureDraftNet(config, target.get_input_embeddings().weight, head_weight(target, head_list)), vocab, coverage
+    config = feature_config(target.config, s.num_layers or 1, s.intermediate_size, layers)
+    net = FeatureDraftNet(config, target.get_input_embeddings().weight, head_weight(target, head_list))
+    return net, vocab, coverage
 
 
-def self_fed_inputs(net, ids: torch.Tensor, feats: torch.Tensor, s: TrainSettings, step: int, noise_std: float,
-                    accelerator) -> torch.Tensor:
-    """The step's input features [b, n, d]: the target's features shifted by one, or (--self-feed, a share
-    of the steps) the draft's own predictions of them from a gradient-free pass, plus Gaussian noise.
-    The step's own random draws make a resumed run repeat them exactly."""
-    step_rng = torch.Generator(device=ids.device).manual_seed(s.seed * 1_000_003 + step)
-    prev = shift_features(feats)
-    if s.self_feed > 0 and random.Random(s.seed * 1_000_003 + step).random() < s.self_feed:
-        # the children of a non-root tree node read its *predicted* feature: train on that input too
-        with torch.no_grad(), accelerator.autocast():
-            prev = shift_features(net(ids, prev).to(feats.dtype))
-    noise = noise_std * torch.randn(prev.shape, generator=step_rng, device=ids.device)
-    noise[:, 0] = 0.0  # position 0's input feature is exactly zero at inference
-    return prev + noise.to(prev.dtype)
+def noisy_states(states: torch.Tensor, s: TrainSettings, step: int, noise_std: float) -> torch.Tensor:
+    """The target's states [b, n, d or k * d] plus Gaussian noise, drawn from the step's own generator so that a
+    resumed run repeats them exactly."""
+    step_rng = torch.Generator(device=states.device).manual_seed(s.seed * 1_000_003 + step)
+    noise = noise_std * torch.randn(states.shape, generator=step_rng, device=states.device)
+    return states + noise.to(states.dtype)
+
+
+def ttt_losses(net: FeatureDraftNet, predicted: torch.Tensor, final: torch.Tensor, valid: torch.Tensor,
+               cls_weight: float) -> dict[str, torch.Tensor]:
+    """feature_losses of every unrolled pass (`predicted` [K, b, n, d]; pass j counts positions t >= j),
+    averaged with weights TTT_DECAY ** j; with K > 1 also each pass's own loss as `loss_pass<j>`."""
+    total: dict[str, torch.Tensor] = {}
+    passes: dict[str, torch.Tensor] = {}
+    weights = 0.0
+    for step, pred in enumerate(predicted):
+        rows = valid.clone()
+        rows[:, :step] = False
+        if not bool(rows.any()):  # every row of the batch is shorter than the chain
+            continue
+        losses = feature_losses(net, pred, final, rows, cls_weight)
+        weight = TTT_DECAY ** step
+        weights += weight
+        for key, value in losses.items():
+            total[key] = total.get(key, 0.0) + weight * value
+        if predicted.shape[0] > 1:
+            passes[f"loss_pass{step}"] = losses["loss"].detach()
+    return {key: value / weights for key, value in total.items()} | passes
 
 
 def train_feature_draft(s: TrainSettings) -> dict[str, float]:
@@ -280,12 +337,14 @@ def train_feature_draft(s: TrainSettings) -> dict[str, float]:
     if not spans:
         raise UserError("the training data has no window with a label: use more or longer texts")
     load_target = feature_target_loader(s.target)
+    layers = net.target_layers
     features, starts = cached_features(s.target, load_target, train_data.tokens, spans, s.batch_size,
-                                       out_dir / FEATURE_CACHE)
+                                       out_dir / FEATURE_CACHE, layers)
     held_features, held_starts = cached_features(s.target, load_target, held.tokens, held_spans, s.batch_size,
-                                                 out_dir / ("heldout_" + FEATURE_CACHE))
+                                                 out_dir / ("heldout_" + FEATURE_CACHE), layers)
     del load_target
-    noise_std = s.feature_noise * float(features[:100_000].float().std())
+    hidden_size = net.config.hidden_size
+    noise_std = s.feature_noise * float(split_states(features[:100_000], hidden_size)[1].float().std())
     net, optimizer = accelerator.prepare(net, optimizer)
     unwrapped = accelerator.unwrap_model(net)
     if accelerator.is_main_process:
@@ -298,10 +357,10 @@ def train_feature_draft(s: TrainSettings) -> dict[str, float]:
     def losses(mine: list[int], step: int) -> dict[str, torch.Tensor]:
         ids, feats, valid = (t.to(accelerator.device)
                              for t in feature_batch(train_data.tokens, spans, features, starts, mine))
-        prev = self_fed_inputs(net, ids, feats, s, step, noise_std, accelerator)
+        final, states = split_states(feats, hidden_size)
         with accelerator.autocast():
-            predicted = net(ids, prev)
-        return feature_losses(unwrapped, predicted, feats, valid, s.cls_weight)
+            predicted = net(ids, noisy_states(states, s, step, noise_std), s.ttt_steps)
+        return ttt_losses(unwrapped, predicted, final, valid, s.cls_weight)
 
     hooks = LoopHooks(
         losses=losses,

@@ -29,6 +29,15 @@ ARCHS = ("token", "feature")  # a small LM on tokens, or a feature draft on the 
 TOKEN_ONLY = ("preset", "hidden_size", "num_heads", "num_kv_heads", "embed_init", "loss", "kl_weight")
 
 
+FEATURE_ONLY = ("ttt_steps", "target_layers")
+
+
+# --target-layers names: EAGLE-3's low, middle and high layers of an L-layer target (arXiv 2503.01840, as in
+# its code: the inputs of decoder layers 2, L // 2 and L - 3), and the final normed state
+NAMED_LAYERS = {"low": lambda layers: 2, "mid": lambda layers: layers // 2, "high": lambda layers: layers - 3,
+                "last": lambda layers: layers}
+
+
 IGNORE = -100
 
 
@@ -74,7 +83,8 @@ class TrainSettings:
     kl_weight: float = 0.5
     cls_weight: float = 0.1
     feature_noise: float = 0.1
-    self_feed: float = 0.0
+    ttt_steps: int = 1
+    target_layers: str = "last"
     seq_len: int = 512
     batch_size: int = 16
     lr: float = 2e-3
@@ -112,8 +122,14 @@ def validate(s: TrainSettings) -> None:
         raise UserError(f"unknown --preset {s.preset!r}: choose from {', '.join(PRESETS)}")
     if (s.dataset is None) == (not s.distill):
         raise UserError("give exactly one data source: --dataset NAME_OR_PATH or --distill")
-    if not 0.0 <= s.self_feed <= 1.0:
-        raise UserError(f"--self-feed must be in [0, 1], got {s.self_feed}")
+    if s.arch == "token":
+        ignored = [f"--{name.replace('_', '-')}" for name in FEATURE_ONLY
+                   if getattr(s, name) != getattr(TrainSettings, name)]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} only apply to --arch feature")
+    if s.ttt_steps < 1:
+        raise UserError(f"--ttt-steps must be >= 1 (1 = teacher-forced only), got {s.ttt_steps}")
+    parse_target_layers(s.target_layers, None)
     if not 0.0 <= s.kl_weight <= 1.0:
         raise UserError(f"--kl-weight must be in [0, 1], got {s.kl_weight}")
     for name in ("seq_len", "batch_size", "max_steps", "save_steps", "eval_steps", "logging_steps"):
@@ -146,6 +162,32 @@ def parse_mixes(text: str, default_tokens: int) -> list[tuple[str, int]]:
             raise UserError(f"--distill-mix {entry!r}: the token count after ':' must be an integer") from exc
         mixes.append((name, tokens))
     return mixes
+
+
+def parse_target_layers(text: str, num_layers: int | None) -> tuple[int, ...] | None:
+    """--target-layers "low,mid,high" / "2,15,27" / "last" -> layer indices of an L-layer target (transformers'
+    hidden_states numbering: 0 = embedding, L = final normed state), or None for "last" alone (the draft
+    reads the final hidden state, as every draft before fused layers did). num_layers None: check the
+    syntax only."""
+    names = [name.strip() for name in text.split(",")]
+    if names == ["last"]:
+        return None
+    layers = []
+    for name in names:
+        if name in NAMED_LAYERS:
+            layers.append(NAMED_LAYERS[name](num_layers or 0))
+            continue
+        try:
+            layers.append(int(name))
+        except ValueError as exc:
+            raise UserError(f"--target-layers takes comma-separated layer indices or {', '.join(NAMED_LAYERS)}, "
+                            f"got {text!r}") from exc
+    if num_layers is None:
+        return tuple(layers)
+    if any(not 0 <= index <= num_layers for index in layers) or len(set(layers)) != len(layers):
+        raise UserError(f"--target-layers {text!r} gives layers {layers}: each must be distinct and within "
+                        f"0..{num_layers} (the target's layer count)")
+    return tuple(layers)
 
 
 def parse_temperatures(text: str) -> tuple[float, ...]:
