@@ -112,7 +112,7 @@ def test_ttt_and_fused_layers_train_save_and_load(tmp_path, tiny_target, text_fi
     rows = torch.arange(10)
     _, states = teacher_forced_logits(TreeModel(target_hf, 64), tokens, rows, return_hidden=True,
                                       hidden_layers=draft.target_layers)
-    logits, predicted = teacher_forced_logits(draft, tokens, rows, states, return_hidden=True)
+    _, predicted = teacher_forced_logits(draft, tokens, rows, states, return_hidden=True)
     with torch.no_grad():
         torch.testing.assert_close(predicted, net(tokens[None], states[None])[0, 0], atol=1e-5, rtol=1e-5)
     # continuing a run keeps the layers it was trained on
