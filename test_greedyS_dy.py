@@ -3,9 +3,9 @@
 in one forward pass. Flags, modes and result files are those of test_greedyS.py, plus the tree's budget,
 width, depth and score; the per-prompt results record each step's tree shape (nodes per depth).
 
-Example (the original's command: --growmap only sets the default budget and depth, here 64 nodes and 9):
+Example (the original's command: --growmap only sets the default budget and depth, here 64 nodes and 6):
   python test_greedyS_dy.py --model JackFram/llama-68m --target meta-llama/Llama-2-7b-hf --T 0.6 --P 0.9 \
-      --start 0 --end 200 --Mode greedy --M 1024 --growmap ./growmaps/68m_7b-64.pt --dataset cnn --W 8 --D 9
+      --start 0 --end 200 --Mode greedy --M 1024 --growmap ./growmaps/68m_7b-64.pt --dataset cnn --W 8
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Growmaps: builders, file format and validation, Sequoia's tree search, and the growmap tool."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import pathlib
@@ -366,11 +367,28 @@ def test_tool_argparse_errors_one_line(capsys):
     assert exc.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
-@pytest.mark.parametrize("name", ["68m_7b-64", "4-chain", "8-chain", "16-chain", "4x8-tree", "8x8-tree"])
+@pytest.mark.parametrize("name", ["68m_7b-64-searched", "4x8-tree", "8x8-tree"])
 def test_shipped_growmaps(name, table):
     g = load_growmap(REPO / "growmaps" / f"{name}.pt")
     assert_consistent(g)
     record = json.loads((REPO / "growmaps" / f"{name}.json").read_text())
     assert expected_accepted(g, P_68M_7B) == pytest.approx(record["predicted_tokens_per_step"])
-    if name == "68m_7b-64":
+    if name == "68m_7b-64-searched":
         assert g.successors == table.tree(64, 10).successors
+    else:  # the original's file, equal to what the recorded builder command makes
+        width, depth = record["parameters"].values()
+        assert g.successors == wxd_tree(width, depth).successors
+
+
+def test_original_growmaps_ship_byte_for_byte_and_load():
+    """growmaps/ holds every growmap of the original project under its own name, unchanged: original.sha256 lists
+    the SHA-256 of each file as copied from the original (`sha256sum -c original.sha256` in growmaps/)."""
+    listed = [line.split() for line in (REPO / "growmaps" / "original.sha256").read_text().splitlines()]
+    assert len(listed) == 21
+    for digest, name in listed:
+        assert hashlib.sha256((REPO / "growmaps" / name).read_bytes()).hexdigest() == digest, name
+    # the tree that the suite used to ship under this name had depth 9 and 6 root children
+    g = load_growmap(REPO / "growmaps" / "68m_7b-64.pt")
+    assert (g.size, g.max_depth, g.nodes_per_depth()[:2]) == (64, 6, [1, 9])
+    for name in ("4-chain", "8-chain", "16-chain", "68m_7b-256", "A100-OpenWebText-68m-7b-stochastic"):
+        assert_consistent(load_growmap(REPO / "growmaps" / f"{name}.pt"))
