@@ -4,6 +4,8 @@ From scratch (a named --preset, overridable flag by flag) or from --init; data f
 --distill (text written by the target itself, cached); loss ce, kl or mix. Checkpoints go to
 --output-dir/checkpoint-N in transformers format, usable directly as --model by the test scripts.
 Works under `accelerate launch` for several GPUs. Bad input: one line on stderr, exit status 2.
+With no flags at all it runs the default recipe (utils/training/recipe.py): a feature draft for the default
+target on text the target writes itself, ./outputs/checkpoint-N/ folders, an estimate of its time printed first.
 """
 from __future__ import annotations
 
@@ -101,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     from utils.training.settings import settings_fields
 
     parser = OneLineParser(prog="pretrain_draft_model.py", description=__doc__.splitlines()[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           epilog="With no flags at all: the default recipe (utils/training/recipe.py), a feature "
+                                  "draft for the default target on text the target writes itself, checkpoints in "
+                                  "./outputs/checkpoint-N/, an estimate of its time on this machine printed first.")
     for name, default, annotation in settings_fields():
         flag = "--" + name.replace("_", "-")
         kind = _base_type(annotation)
@@ -116,10 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    recipe = not argv
+    if recipe:  # the original README's whole command
+        from utils.training.recipe import recipe_argv
+
+        argv = recipe_argv()
+        print("no flags: the default recipe (utils/training/recipe.py), the same as\n  python pretrain_draft_model.py "
+              + " ".join(argv), flush=True)
     args = build_parser().parse_args(argv)
     try:
         from utils.training import evaluate_only, train
-        from utils.training.settings import TrainSettings
+        from utils.training.settings import TrainSettings, validate
         from utils.training.cost import measure_cost
 
         if args.measure_cost:
@@ -128,8 +141,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         values = {k: v for k, v in vars(args).items() if k != "measure_cost"}
         settings = TrainSettings(**values)
+        if recipe:
+            from utils.training.recipe import estimate, probe_ms
+
+            validate(settings)
+            for line in estimate(settings, probe_ms(settings.target)).lines():
+                print(line, flush=True)
         metrics = evaluate_only(settings) if settings.eval_only else train(settings)
         print(json.dumps(metrics))
+        if recipe:
+            print(f"checkpoints: {settings.output_dir}/checkpoint-N/; use one with any script, e.g. "
+                  f"python test_greedyS.py --model ./{settings.output_dir}/checkpoint-N/")
         return 0
     except UserError as exc:
         sys.stderr.write(f"pretrain_draft_model.py: error: {exc}\n")

@@ -10,24 +10,26 @@ from __future__ import annotations
 
 from engine.drafters import StaticTreeDrafter
 from engine.growmap import load_growmap
+from engine.sampling import Sampling
 from utils.cli import decoding_parser, run_cli, validate_common
-from utils.config import DEFAULTS
 from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
-from utils.experiment import execute
+from utils.experiment import execute, sampled_children
+from utils.original_flags import draft_top_p, report_ignored, static_tree_reasons
 
 
 def main() -> None:
     parser = decoding_parser(__doc__, "test_greedyS")
-    parser.add_argument("--growmap", default=DEFAULTS.growmap, help="tree shape (.pt growmap file)")
     args = parser.parse_args()
     validate_common(args)
+    report_ignored(parser, args, static_tree_reasons(sampled_children(args)))
     processes = start_processes(args.device)
     growmap = load_growmap(args.growmap)
     meta = {"growmap": {"path": args.growmap, "size": growmap.size, "depth": growmap.max_depth,
                         "nodes_per_depth": growmap.nodes_per_depth()}}
     execute(args, "test_greedyS",
-            lambda pair, sampling, sample_children: StaticTreeDrafter(pair.draft, growmap, sampling, sample_children),
+            lambda pair, sampling, sample_children: StaticTreeDrafter(
+                pair.draft, growmap, Sampling(args.T, draft_top_p(args)), sample_children),
             growmap.size, meta, processes, target_loader(args, processes.device or args.device))
 
 

@@ -1,7 +1,9 @@
 """Dynamic-tree speculative decoding: each step the draft grows its tree best-first under a node budget
 (EAGLE-2, arXiv 2406.16858; the original project's test_greedyS_dy.py) and the target verifies the whole tree
 in one forward pass. Flags, modes and result files are those of test_greedyS.py, plus the tree's budget,
-width, depth and score; the per-prompt results record each step's tree shape (nodes per depth).
+width, depth, score and decay; the per-prompt results record each step's tree shape (nodes per depth).
+`--static` verifies the --growmap's static tree instead (test_greedyS.py's drafter), for the static-vs-dynamic
+comparison in one script.
 
 Example (the original's command: --growmap only sets the default budget and depth, here 64 nodes and 6):
   python test_greedyS_dy.py --model JackFram/llama-68m --target meta-llama/Llama-2-7b-hf --T 0.6 --P 0.9 \
@@ -11,14 +13,19 @@ from __future__ import annotations
 
 import argparse
 
-from engine.dynamic_drafter import SCORES, DynamicTreeDrafter, check_score
-from engine.verifiers import SAMPLED_CHILDREN
+from engine.drafters import StaticTreeDrafter
+from engine.dynamic_drafter import SCORES, DynamicTreeDrafter, check_decay, check_score
+from engine.growmap import load_growmap
+from engine.sampling import Sampling
 from utils.cli import decoding_parser, run_cli, validate_common
 from utils.config import DEFAULTS, tree_limits
 from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
 from utils.errors import UserError
-from utils.experiment import execute
+from utils.experiment import execute, sampled_children
+from utils.original_flags import NEGATIVE, TOP_K_CHILDREN, draft_top_p, report_ignored
+
+STATIC = "--static verifies the --growmap's static tree"
 
 
 def validate_tree_flags(args: argparse.Namespace) -> None:
@@ -28,39 +35,58 @@ def validate_tree_flags(args: argparse.Namespace) -> None:
         raise UserError(f"--W must be >= 1, got {args.W}")
     if args.D < 1:
         raise UserError(f"--D must be >= 1, got {args.D}")
-    verifier = "greedy" if args.T == 0 else args.verify
     try:
-        check_score(args.score, SAMPLED_CHILDREN[verifier])
+        check_score(args.score, sampled_children(args))
+        if args.score == "original":
+            check_decay(args.decay)
     except ValueError as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(f"--score {args.score}: {exc}") from exc
+
+
+def ignored_reasons(args: argparse.Namespace) -> dict[str, str]:
+    """The flags this run does not use, and why."""
+    reasons = {"negative": NEGATIVE}
+    if not sampled_children(args):
+        reasons["DP"] = TOP_K_CHILDREN
+    if args.static:
+        reasons |= {name: STATIC for name in ("B", "W", "D", "decay", "score")}
+    elif args.score != "original":
+        reasons["decay"] = "it weights --score original's logits; --score logprob has no decay"
+    return reasons
 
 
 def main() -> None:
     parser = decoding_parser(__doc__, "test_greedyS_dy", ", with tree_shapes")
-    parser.add_argument("--growmap", default=DEFAULTS.growmap,
-                        help="accepted for the original's commands: only supplies the default --B and --D (its size "
-                             "and depth)")
-    parser.add_argument("--B", type=int, default=None,
-                        help=f"node budget, root included (default: the --growmap's size; {DEFAULTS.B} for the default)")
-    parser.add_argument("--W", type=int, default=DEFAULTS.W, help="children per expanded node, nodes expanded per level")
-    parser.add_argument("--D", type=int, default=None,
-                        help=f"depth limit, draft forwards per step (default: the --growmap's depth; {DEFAULTS.D} for "
-                             "the default)")
     parser.add_argument("--score", default=DEFAULTS.score, choices=SCORES,
                         help="logprob = cumulative draft log-probability (EAGLE-2); original = the original's "
-                             "depth-weighted cumulative logit (not with --verify specinfer)")
+                             "depth-weighted cumulative logit (see --decay; not with --verify specinfer)")
     args = parser.parse_args()
     validate_common(args)
+    report_ignored(parser, args, ignored_reasons(args))
     processes = start_processes(args.device)
-    args.B, args.D = tree_limits(args.growmap, args.B, args.D)
-    validate_tree_flags(args)
+    load_target = target_loader(args, processes.device or args.device)
     args.record_shapes = True
-    meta = {"dynamic_tree": {"budget": args.B, "width": args.W, "max_depth": args.D, "score": args.score}}
+    draft_sampling = Sampling(args.T, draft_top_p(args))
+    if args.static:
+        growmap = load_growmap(args.growmap)
+        meta = {"growmap": {"path": args.growmap, "size": growmap.size, "depth": growmap.max_depth,
+                            "nodes_per_depth": growmap.nodes_per_depth()}, "static": True}
+        execute(args, "test_greedyS_dy",
+                lambda pair, sampling, sample_children: StaticTreeDrafter(pair.draft, growmap, draft_sampling,
+                                                                          sample_children),
+                growmap.size, meta, processes, load_target)
+        return
+    args.B, args.D = tree_limits(args.growmap, args.B, args.D)
+    args.W = DEFAULTS.W if args.W is None else args.W
+    args.decay = DEFAULTS.decay if args.decay is None else args.decay
+    validate_tree_flags(args)
+    meta = {"dynamic_tree": {"budget": args.B, "width": args.W, "max_depth": args.D, "score": args.score,
+                             "decay": args.decay if args.score == "original" else None}}
     slots = DynamicTreeDrafter.slots_for(args.B, args.W, args.D)
     execute(args, "test_greedyS_dy",
-            lambda pair, sampling, sample_children: DynamicTreeDrafter(pair.draft, sampling, sample_children, args.B,
-                                                                       args.W, args.D, args.score),
-            slots, meta, processes, target_loader(args, processes.device or args.device))
+            lambda pair, sampling, sample_children: DynamicTreeDrafter(pair.draft, draft_sampling, sample_children,
+                                                                       args.B, args.W, args.D, args.score, args.decay),
+            slots, meta, processes, load_target)
 
 
 if __name__ == "__main__":

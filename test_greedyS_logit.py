@@ -23,6 +23,7 @@ from utils.distributed.processes import start_processes
 from utils.errors import UserError
 from utils.experiment import load_draft, load_pair
 from utils.models import load_tokenizer
+from utils.original_flags import NEGATIVE, add_original_flags, report_ignored
 from utils.potential.report import report, score_prompts, scores_of_rows
 from utils.report import emit, hardware, library_versions
 from utils.run_log import open_run, sweep
@@ -51,13 +52,19 @@ def build_parser() -> OneLineParser:
                         help="also score the target's own greedy continuation of each prompt")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
                         help="continuation length with --continuations")
-    parser.add_argument("--Mode", default=DEFAULTS.Mode, help="ignored (accepted so the original's command runs)")
-    parser.add_argument("--growmap", default=None, help="ignored (accepted so the original's command runs)")
+    parser.add_argument("--Mode", default=DEFAULTS.Mode, help="accepted for the original's commands; nothing is "
+                        "decoded here")
+    add_original_flags(parser)
     return parser
 
 
-def validate(args: argparse.Namespace) -> None:
+NOT_DECODED = "nothing is decoded here: the potential score compares the draft's and the target's distributions"
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     validate_common(args)
+    report_ignored(parser, args, {name: NOT_DECODED for name in ("Mode", "growmap", "DP", "B", "W", "D", "decay",
+                                                                   "static")} | {"negative": NEGATIVE})
     names = [name for name in args.model if name is not None]
     if len(set(names)) != len(names):
         raise UserError("--model names the same draft twice")
@@ -69,8 +76,9 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    args = build_parser().parse_args()
-    validate(args)
+    parser = build_parser()
+    args = parser.parse_args()
+    validate(args, parser)
     processes = start_processes(args.device)
     device = processes.device or args.device
     log = processes.share(open_run(args.results_dir, args.resume, SCRIPT, vars(args)) if processes.main else None)

@@ -23,8 +23,8 @@ sibling's too, so that a node's kept children are a prefix of its children in ra
             sampled children the term of the j-th draw is instead log E[q(x_j) | x_1..x_{j-1}], the expected
             draft probability of the j-th draw given the earlier ones: it does not depend on the token drawn,
             which keeps speculative sampling lossless (see below).
-  original  the original's `compute_cumulative_logit`: the sum over the path of (1 - 0.09 * depth) x the raw
-            draft logit of each node's token. A child can outscore its parent; the cap by the parent's key
+  original  the original's `compute_cumulative_logit`: the sum over the path of (1 - decay * depth) x the raw
+            draft logit of each node's token (the original hard-codes decay = 0.09; `--decay` sets it). A child can outscore its parent; the cap by the parent's key
             ranks it just after its parent instead (the original keeps the raw top B and drops orphans).
 
 | verifier      | logprob | original | why                                                                 |
@@ -64,6 +64,13 @@ def check_score(score: str, sample_children: bool) -> None:
                          "specinfer verifier; use --score logprob or --verify match")
 
 
+def check_decay(decay: float) -> None:
+    """Raise ValueError for a negative decay of the original score (its weights 1 - decay * depth would grow with
+    depth). Past depth 1 / decay the weights turn negative, as in the original's formula; that is left as it is."""
+    if decay < 0:
+        raise ValueError(f"decay must be >= 0, got {decay:g}")
+
+
 def own_ids(draft: TreeModel, target_ids: torch.Tensor) -> torch.Tensor:
     """Target-vocabulary ids [...] -> the draft's own logit columns [...]."""
     return target_ids if draft.column_of is None else draft.column_of[target_ids]
@@ -87,13 +94,16 @@ class DynamicTreeDrafter:
     """Best-first dynamic tree under a node budget (module docstring); implements the decoder's Drafter."""
 
     def __init__(self, draft: TreeModel, sampling: Sampling, sample_children: bool, budget: int, width: int,
-                 max_depth: int, score: str = "logprob") -> None:
+                 max_depth: int, score: str = "logprob", decay: float = ORIGINAL_DEPTH_DECAY) -> None:
         check_score(score, sample_children)
+        if score == "original":
+            check_decay(decay)
         if budget < 2 or width < 1 or max_depth < 1:
             raise ValueError(f"the dynamic tree needs budget >= 2, width >= 1 and depth >= 1 "
                              f"(got {budget}, {width}, {max_depth})")
         self.draft, self.sampling, self.sample_children = draft, sampling, sample_children
         self.budget, self.width, self.max_depth, self.score = budget, width, max_depth, score
+        self.decay = decay
         self.max_runs = 1 + min(width, budget - 1) * (max_depth - 1)
         self.cache = DraftCache(draft, self.max_runs)
         self.uses_target_features = draft.uses_target_features
@@ -115,7 +125,7 @@ class DynamicTreeDrafter:
                     depth: int) -> torch.Tensor:
         """Score added by each child: logits [r, draft vocab], picks [r, W] target ids -> [r, W]."""
         if self.score == "original":
-            return (1.0 - ORIGINAL_DEPTH_DECAY * depth) * logits.gather(1, own_ids(self.draft, picks))
+            return (1.0 - self.decay * depth) * logits.gather(1, own_ids(self.draft, picks))
         if probs is not None:
             return expected_draw_logprob(probs, picks)
         return torch.log_softmax(logits.float(), dim=-1).gather(1, own_ids(self.draft, picks))

@@ -13,6 +13,7 @@ from engine.growmap import GrowmapError
 from engine.verifiers import VERIFIERS
 from utils.config import DEFAULTS, DTYPES, MODES
 from utils.errors import UserError
+from utils.original_flags import add_original_flags, validate_original_flags
 
 EXIT_BAD_INPUT = 2
 
@@ -111,9 +112,10 @@ def add_offload_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def decoding_parser(doc: str, script: str, results_note: str = "") -> OneLineParser:
-    """The parser every decoding script starts from: model, data and decoding flags, its docstring's first
-    paragraph as description and where its results go as epilog."""
-    parser = OneLineParser(description=doc.split("\n\n")[0],
+    """The parser every decoding script starts from: model, data and decoding flags and every flag of the original
+    project (utils/original_flags.py), its docstring's first paragraph as description and where its results go
+    as epilog. A script may redefine a flag (the later definition wins)."""
+    parser = OneLineParser(description=doc.split("\n\n")[0], conflict_handler="resolve",
                            epilog=f"Results: <results-dir>/{script}-<time>.json (+ .jsonl per prompt{results_note}); "
                                   "the last output line is 'results: <path>'.")
     add_model_flags(parser)
@@ -121,6 +123,7 @@ def decoding_parser(doc: str, script: str, results_note: str = "") -> OneLinePar
     add_decoding_flags(parser)
     add_lookup_flags(parser)
     add_offload_flags(parser)
+    add_original_flags(parser)
     return parser
 
 
@@ -147,6 +150,8 @@ def validate_common(args: argparse.Namespace) -> None:
         if args.lookup and specinfer:
             raise UserError("--lookup copies tokens the draft did not sample, which specinfer verification cannot "
                             "take: use --verify match, or --lookup 0")
+    if hasattr(args, "DP"):
+        validate_original_flags(args)
     args.device = resolve_device(args.device)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.dynamic_drafter import ORIGINAL_DEPTH_DECAY
 from engine.growmap import load_growmap
 from utils.models import REPO_ROOT
 
@@ -61,6 +62,10 @@ class RunDefaults:
     score: str = "logprob"              # dynamic tree: logprob (EAGLE-2) or original (depth-weighted logits)
     lookup: int = 10                    # prompt lookup: copied tokens grafted onto each tree (0 = off)
     lookup_ngram: int = 3               # prompt lookup: longest n-gram matched
+    DP: float | None = None             # draft top-p for sampled children; None = --P (utils/original_flags.py)
+    decay: float = ORIGINAL_DEPTH_DECAY  # dynamic tree, --score original: weight 1 - decay * depth
+    negative: bool = False              # the original's flag, never read there nor here
+    static: bool = False                # test_greedyS_dy.py: verify the --growmap's static tree instead
 
 
 DEFAULTS = RunDefaults()

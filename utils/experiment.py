@@ -195,6 +195,14 @@ def summarize(results: list[DecodeResult]) -> dict:
     }
 
 
+def sampled_children(args: argparse.Namespace) -> bool:
+    """Whether this run's drafter samples children from the draft (speculative decoding with the specinfer
+    verifier at T > 0) rather than taking its top-k."""
+    from engine.verifiers import SAMPLED_CHILDREN
+
+    return args.Mode != "baseline" and SAMPLED_CHILDREN["greedy" if args.T == 0 else args.verify]
+
+
 def describe_args(args: argparse.Namespace) -> dict:
     return {key: value for key, value in vars(args).items()}
 

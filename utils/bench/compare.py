@@ -221,12 +221,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the suite's verifier at T > 0 (T = 0 always verifies greedily)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
     parser.add_argument("--growmap", default=DEFAULTS.growmap, help="static tree shape (.pt growmap)")
-    parser.add_argument("--dynamic-budget", type=int, default=None,
+    parser.add_argument("--dynamic-budget", "--B", type=int, default=None,
                         help="dynamic tree node budget, root included (default: the growmap's size)")
-    parser.add_argument("--dynamic-width", type=int, default=DEFAULTS.W,
+    parser.add_argument("--dynamic-width", "--W", type=int, default=DEFAULTS.W,
                         help="dynamic tree expansion width (children per expanded node, nodes expanded per level; "
                              "test_greedyS_dy.py's --W)")
-    parser.add_argument("--dynamic-depth", type=int, default=None,
+    parser.add_argument("--dynamic-depth", "--D", type=int, default=None,
                         help="dynamic tree depth limit (default: the growmap's depth)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)}; generate always runs (the reference)")

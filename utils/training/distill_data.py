@@ -388,8 +388,9 @@ def _shard_teacher_tokens(path: Path) -> int:
     return int(json.loads(path.with_suffix(".json").read_text())["teacher_tokens"])
 
 
-def _worker(settings: DistillSettings, indices: list[int], threads: int, log_path: str | None) -> None:
-    """Generate the given shards in this process (one per CPU core when run in parallel)."""
+def _worker(settings: DistillSettings, indices: list[int], threads: int, log_path: str | None,
+            on_shard=None) -> None:
+    """Generate the given shards in this process (one per CPU core when run in parallel); `on_shard()` after each."""
     from utils.models import load_tokenizer
 
     torch.set_num_threads(threads)
@@ -408,6 +409,8 @@ def _worker(settings: DistillSettings, indices: list[int], threads: int, log_pat
             with open(log_path, "a") as f:
                 f.write(json.dumps({"shard": index, "teacher_tokens": int(shard["teacher"].sum()),
                                     "seconds": round(time.time() - t0, 1), "time": time.time()}) + "\n")
+        if on_shard is not None:
+            on_shard()
 
 
 GQA_ATTENTION = "treespec_gqa"
@@ -488,10 +491,23 @@ def ensure_distill_data(settings: DistillSettings, teacher_tokens: int, workers:
     return [_shard_path(folder, i) for i in range(index)]
 
 
+def cached_teacher_tokens(settings: DistillSettings) -> int:
+    """Target-written tokens already generated for `settings` (contiguous shards from 0), without generating."""
+    have, index = 0, 0
+    while _shard_path(settings.folder(), index).is_file():
+        have += _shard_teacher_tokens(_shard_path(settings.folder(), index))
+        index += 1
+    return have
+
+
 def _run_workers(settings: DistillSettings, indices: list[int], workers: int, log_path: str | None) -> None:
+    from tqdm import tqdm
+
     threads = max(1, torch.get_num_threads() // max(workers, 1))
+    bar = tqdm(total=len(indices), desc="target writes training text", unit="shard", dynamic_ncols=True)
     if workers <= 1:
-        _worker(settings, indices, threads, log_path)
+        _worker(settings, indices, threads, log_path, on_shard=lambda: bar.update(1))
+        bar.close()
         return
     import multiprocessing as mp
 
@@ -501,7 +517,10 @@ def _run_workers(settings: DistillSettings, indices: list[int], workers: int, lo
     for p in procs:
         p.start()
     for p in procs:
-        p.join()
+        while p.is_alive():  # the workers write shard files; the bar counts them
+            p.join(timeout=5)
+            bar.update(sum(_shard_path(settings.folder(), i).is_file() for i in indices) - bar.n)
+    bar.close()
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed:
         raise UserError(f"a distillation worker failed (exit codes {failed}); rerun to resume from the saved shards")
