@@ -2,7 +2,7 @@
 estimate of how long it will take on this machine, printed before it starts.
 
 The recipe is the shipped feature draft's (drafts/README.md: EAGLE-style, one decoder layer on the target's hidden
-states, trained on text the target writes itself), scaled down so that a first checkpoint comes within minutes:
+states, trained on text the target writes itself; `--ttt-steps 2`, the successor of its `--self-feed 0.3`), scaled down so that a first checkpoint comes within minutes:
 100k target-written tokens instead of 0.9M, 30 minutes of training, a checkpoint every 50 steps. It writes
 ./outputs/checkpoint-N/ folders that every script takes as `--model ./outputs/checkpoint-N/`; run again, it resumes
 from the newest one. The same run with flags: `recipe_argv()`, printed by the script.
@@ -16,7 +16,7 @@ from utils.training.settings import TrainSettings, distill_settings, parse_mixes
 
 OUTPUT_DIR = "outputs"
 RECIPE_FLAGS = ("--arch", "feature", "--distill", "--distill-tokens", "100000", "--distill-workers", "2",
-                "--vocab-subset", "12288", "--self-feed", "0.3", "--seq-len", "512", "--batch-size", "16",
+                "--vocab-subset", "12288", "--ttt-steps", "2", "--seq-len", "512", "--batch-size", "16",
                 "--lr", "1.5e-3", "--warmup-steps", "50", "--max-steps", "1600", "--max-minutes", "30",
                 "--save-steps", "50", "--eval-steps", "200", "--eval-rows", "150", "--save-dtype", "bfloat16")
 
@@ -29,7 +29,9 @@ class Reference:
     distill_tokens_per_s: float = 330.0    # target-written tokens per second, two 1-thread workers
     feature_positions_per_s: float = 1000.0  # target feature extraction before feature training
     prompt_overhead: float = 1.13          # training positions per target-written token (prompts included)
-    feature_step_s: float = 2.2            # one feature-draft step of 16 windows of 512 tokens, self-feed 0.3
+    # one feature-draft pass over 16 windows of 512 tokens: 2.2 s was measured per step with --self-feed 0.3 (30% of
+    # steps with one more, gradient-free pass), so about 2.0 s per pass; --ttt-steps K runs K passes per step
+    feature_step_s: float = 2.0
     token_step_s: float = 1.8              # one token-draft step (smollm2-draft preset), same batch
 
 
@@ -91,7 +93,8 @@ def estimate(s: TrainSettings, measured_ms: float, ref: Reference = REFERENCE) -
     workers = min(max(s.distill_workers, 1), 2) / 2
     generate_s = missing / (ref.distill_tokens_per_s * workers) * factor
     features_s = tokens * ref.prompt_overhead / ref.feature_positions_per_s * factor if s.arch == "feature" else 0.0
-    step_s = (ref.feature_step_s if s.arch == "feature" else ref.token_step_s) * factor * (
+    passes = s.ttt_steps if s.arch == "feature" else 1
+    step_s = (ref.feature_step_s if s.arch == "feature" else ref.token_step_s) * passes * factor * (
         s.batch_size * s.seq_len) / (16 * 512)
     train_s = s.max_steps * step_s
     if s.max_minutes > 0:
