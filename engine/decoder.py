@@ -3,6 +3,7 @@ same TreeModel engine. Nothing here knows about tokenizers: prompts and outputs 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -13,7 +14,10 @@ from engine.model import TreeModel
 from engine.sampling import Sampling, probs_from_logits, sample
 from engine.tree import CandidateTree
 from engine.tree_mask import tree_attention_mask
-from engine.verifiers import verify
+from engine.verifiers import Verdict, verify
+
+# a verifier given as a function instead of a name: (tree, target logits [n, V], sampling, generator) -> Verdict
+VerifierFn = Callable[[CandidateTree, torch.Tensor, Sampling, torch.Generator], Verdict]
 
 
 class Drafter(Protocol):
@@ -57,6 +61,8 @@ class DecodeResult:
     tree_shapes: list[list[int]] = field(default_factory=list)  # nodes per depth of each step's tree
     seconds: float = 0.0
     time_split: dict[str, float] = field(default_factory=dict)
+    substitutions: int = 0          # lossy verifiers: draft tokens overwritten by the target's on accepted paths
+    after_substitution: int = 0     # tokens emitted at or after a step's first substitution (its context drifted)
 
 
 def _finish(new_tokens: list[int], budget: int, eos_ids: set[int]) -> tuple[list[int], bool]:
@@ -77,9 +83,12 @@ def check_capacity(model: TreeModel, prompt_len: int, max_new_tokens: int, tree_
 
 
 def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int,
-                         eos_ids: set[int], sampling: Sampling, verifier: str, generator: torch.Generator,
+                         eos_ids: set[int], sampling: Sampling, verifier: str | VerifierFn, generator: torch.Generator,
                          timer: StepTimer | None = None, record_shapes: bool = False) -> DecodeResult:
-    """Speculative decoding of one prompt: each target forward verifies a whole candidate tree."""
+    """Speculative decoding of one prompt: each target forward verifies a whole candidate tree.
+
+    `verifier` is a name from engine.verifiers or a function; a function may overwrite accepted nodes' tokens
+    (`Verdict.substitutions`, lossy): the emitted tokens follow it, the KV caches keep what the tree ran."""
     device = target.device
     timer = timer or StepTimer(device, enabled=False)
     started = time.perf_counter()
@@ -104,7 +113,10 @@ def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[i
                                 hidden_layers=drafter.target_layers)
         if features:
             logits, hidden = logits
-        verdict = verify(verifier, tree, logits, sampling, generator)
+        if callable(verifier):
+            verdict = verifier(tree, logits, sampling, generator)
+        else:
+            verdict = verify(verifier, tree, logits, sampling, generator)
         timer.lap("verification")
         kept = torch.tensor([0] + verdict.path, device=device)
         target.cache.keep(root_slot + kept, root_slot)
@@ -112,7 +124,13 @@ def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[i
             drafter.record_target_features(root_slot, hidden[kept])
         drafter.accept(verdict.path)
         step_tokens = tree.tokens[verdict.path].tolist() + [verdict.bonus]
+        substituted = [i for i, node in enumerate(verdict.path) if node in verdict.substitutions]
+        for i in substituted:
+            step_tokens[i] = verdict.substitutions[verdict.path[i]]
         step_tokens, done = _finish(step_tokens, max_new_tokens - len(result.output_ids), eos_ids)
+        if substituted:
+            result.substitutions += sum(i < len(step_tokens) for i in substituted)
+            result.after_substitution += max(0, len(step_tokens) - substituted[0])
         result.output_ids.extend(step_tokens)
         result.accepted_per_step.append(len(step_tokens))
         result.target_steps += 1

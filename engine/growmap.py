@@ -234,6 +234,17 @@ def from_parents(parents: list[int]) -> Growmap:
                       "mask": mask.long(), "depth": depth.long()})
 
 
+def add_children(growmap: Growmap, counts: list[int]) -> Growmap:
+    """`growmap` with counts[i] more children for node i, ranked after its own (leaves; renumbered into the
+    canonical order). With the counts of an augment budget it is the plain tree of the same node count."""
+    parents = growmap.parents.tolist()
+    for node, count in enumerate(counts):
+        if node >= growmap.size:
+            raise GrowmapError(f"cannot add children to node {node}: the growmap has {growmap.size} nodes")
+        parents += [node] * count
+    return from_parents(parents)
+
+
 def chain(k: int) -> Growmap:
     """The root and a chain of k drafted tokens (plain speculative decoding with k guesses)."""
     return from_parents([-1] + list(range(k)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.tree import CandidateTree, children_of
+from engine.tree import CandidateTree, append_nodes, children_of
 
 
 def lookup_continuation(context: torch.Tensor, max_ngram: int, max_tokens: int) -> list[int]:
@@ -59,23 +59,8 @@ def graft_chain(tree: CandidateTree, chain: list[int]) -> tuple[CandidateTree, i
     extra = chain[used:]
     if not extra:
         return tree, 0
-    device = tree.tokens.device
-    size, count = tree.size, len(extra)
-    new_ids = list(range(size, size + count))
-    parent_ids = [node] + new_ids[:-1]
-    for parent, child in zip(parent_ids, new_ids):
-        kids[parent].append(child)
-        kids.append([])
-    new_tokens, new_parents = torch.tensor([extra, parent_ids]).to(device)  # one host-to-device copy
-    parents = torch.cat([tree.parents, new_parents])
-    depth = torch.cat([tree.depth, tree.depth[node] + torch.arange(1, count + 1, device=device)])
-    ancestors = torch.zeros(size + count, size + count, dtype=torch.bool, device=device)
-    ancestors[:size, :size] = tree.ancestors
-    ancestors[size:, :size] = tree.ancestors[node]                 # the branch point's ancestors and itself
-    ancestors[size:, size:] = torch.ones(count, count, dtype=torch.bool, device=device).tril()
-    grafted = CandidateTree(torch.cat([tree.tokens, new_tokens]), parents, depth, ancestors,
-                            dict(tree.draft_probs), child_lists=kids)
-    return grafted, count
+    size = tree.size
+    return append_nodes(tree, kids, extra, [node] + list(range(size, size + len(extra) - 1))), len(extra)
 
 
 def with_prompt_lookup(drafter, max_tokens: int, max_ngram: int):
@@ -83,18 +68,17 @@ def with_prompt_lookup(drafter, max_tokens: int, max_ngram: int):
     return PromptLookupDrafter(drafter, max_tokens, max_ngram) if drafter is not None and max_tokens else drafter
 
 
-class PromptLookupDrafter:
-    """Wraps a drafter (or none: plain prompt lookup) and grafts a copied chain of up to `max_tokens`
-    tokens onto each of its trees. The tree grows by at most `max_tokens` nodes; accepted copied tokens are
+class GraftedDrafter:
+    """Wraps a drafter (or none) whose tree gets extra nodes grafted after its own each step (prompt lookup
+    here, common-sense followers in engine/commonsense.py). The grafted tokens were not drawn from the draft,
+    so a drafter that samples its children (specinfer verification) is refused. Accepted grafted tokens are
     new to the wrapped draft, which catches up on them like on any committed token."""
 
-    def __init__(self, inner, max_tokens: int, max_ngram: int = 3) -> None:
-        if max_tokens < 1 or max_ngram < 1:
-            raise ValueError("prompt lookup needs max_tokens >= 1 and max_ngram >= 1")
+    def __init__(self, inner, what: str) -> None:
         if getattr(inner, "sample_children", False):
-            raise ValueError("prompt lookup cannot join a tree whose children are sampled from the draft (specinfer "
-                             "verification): copied tokens have no draft probability")
-        self.inner, self.max_tokens, self.max_ngram = inner, max_tokens, max_ngram
+            raise ValueError(f"{what} cannot join a tree whose children are sampled from the draft (specinfer "
+                             "verification): grafted tokens have no draft probability")
+        self.inner = inner
         self.uses_target_features = inner is not None and inner.uses_target_features
         self.target_layers = None if inner is None else inner.target_layers
         self.inner_size = 1  # size of the wrapped drafter's tree this step (grafted nodes come after it)
@@ -107,9 +91,8 @@ class PromptLookupDrafter:
         if self.inner is not None:
             self.inner.record_target_features(start_slot, features)
 
-    def propose(self, committed: torch.Tensor, generator: torch.Generator) -> CandidateTree:
-        # read the context back before the draft's kernels are queued, so the copy waits for nothing
-        chain = lookup_continuation(committed.cpu(), self.max_ngram, self.max_tokens)
+    def inner_tree(self, committed: torch.Tensor, generator: torch.Generator) -> CandidateTree:
+        """The wrapped drafter's tree, or the bare root when there is none."""
         if self.inner is not None:
             tree = self.inner.propose(committed, generator)
         else:
@@ -118,10 +101,27 @@ class PromptLookupDrafter:
                                  torch.zeros(1, dtype=torch.long, device=device),
                                  torch.ones(1, 1, dtype=torch.bool, device=device), child_lists=[[]])
         self.inner_size = tree.size
-        return graft_chain(tree, chain)[0] if chain else tree
+        return tree
 
     def accept(self, path: list[int]) -> None:
         """The wrapped drafter keeps the part of the path inside its own tree: grafted nodes come after it
         in index and below it in the tree, so they can only end a path."""
         if self.inner is not None:
             self.inner.accept([node for node in path if node < self.inner_size])
+
+
+class PromptLookupDrafter(GraftedDrafter):
+    """Grafts a copied chain of up to `max_tokens` tokens onto each tree of the wrapped drafter (or onto the
+    bare root: plain prompt lookup). The tree grows by at most `max_tokens` nodes."""
+
+    def __init__(self, inner, max_tokens: int, max_ngram: int = 3) -> None:
+        if max_tokens < 1 or max_ngram < 1:
+            raise ValueError("prompt lookup needs max_tokens >= 1 and max_ngram >= 1")
+        super().__init__(inner, "prompt lookup")
+        self.max_tokens, self.max_ngram = max_tokens, max_ngram
+
+    def propose(self, committed: torch.Tensor, generator: torch.Generator) -> CandidateTree:
+        # read the context back before the draft's kernels are queued, so the copy waits for nothing
+        chain = lookup_continuation(committed.cpu(), self.max_ngram, self.max_tokens)
+        tree = self.inner_tree(committed, generator)
+        return graft_chain(tree, chain)[0] if chain else tree

@@ -40,3 +40,36 @@ def children_of(parents: list[int]) -> list[list[int]]:
         if parent >= 0:
             kids[parent].append(node)
     return kids
+
+
+def append_nodes(tree: CandidateTree, kids: list[list[int]], tokens: list[int], parents: list[int]) -> CandidateTree:
+    """`tree` with new nodes after its own: node `tree.size + j` carries tokens[j] below parents[j] (an existing
+    node, or an earlier new one). `kids` are the tree's child lists, extended in place with the new nodes.
+
+    Built with one host-to-device copy and one row gather, since drafters graft every step (prompt lookup's
+    copied chain, common-sense followers). The caller keeps sibling tokens distinct, as the verifiers need.
+    """
+    size, count = tree.size, len(tokens)
+    anchors, offsets = [], []          # each new node's nearest existing ancestor, and its depth below it
+    new_block = [[False] * count for _ in range(count)]  # ancestor-or-self among the new nodes
+    for j, parent in enumerate(parents):
+        if parent < size:
+            anchors.append(parent)
+            offsets.append(1)
+        else:
+            anchors.append(anchors[parent - size])
+            offsets.append(offsets[parent - size] + 1)
+            new_block[j] = list(new_block[parent - size])
+        new_block[j][j] = True
+        kids[parent].append(size + j)
+        kids.append([])
+    device = tree.tokens.device
+    packed = torch.tensor([tokens, parents, anchors, offsets] + new_block).to(device)  # [4 + count, count]
+    block = packed[4:].bool()                                                      # [count, count]
+    ancestors = torch.zeros(size + count, size + count, dtype=torch.bool, device=device)
+    ancestors[:size, :size] = tree.ancestors
+    ancestors[size:, :size] = tree.ancestors[packed[2]]
+    ancestors[size:, size:] = block
+    return CandidateTree(torch.cat([tree.tokens, packed[0]]), torch.cat([tree.parents, packed[1]]),
+                         torch.cat([tree.depth, tree.depth[packed[2]] + packed[3]]), ancestors,
+                         dict(tree.draft_probs), child_lists=kids)

@@ -12,7 +12,7 @@ and the bonus token. They never call a model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,9 @@ LOSSLESS = {"greedy": True, "match": True, "specinfer": True}
 class Verdict:
     path: list[int]  # accepted node indices, root excluded, root-to-leaf order
     bonus: int       # the target's own next token after the last accepted node
+    # node -> token written over the draft's token before accepting the node; only a lossy rule
+    # (engine/commonsense.py) fills it
+    substitutions: dict[int, int] = field(default_factory=dict)
 
 
 def verify_greedy(tree: CandidateTree, target_logits: torch.Tensor) -> Verdict:

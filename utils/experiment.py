@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from engine.decoder import DecodeResult, Drafter, StepTimer, autoregressive_generate, check_capacity, speculative_generate
+from engine.decoder import (DecodeResult, Drafter, StepTimer, VerifierFn, autoregressive_generate, check_capacity,
+                            speculative_generate)
+from engine.drafters import teacher_forced_logits
 from engine.model import TreeModel
 from engine.prompt_lookup import with_prompt_lookup
 from engine.sampling import Sampling
@@ -99,7 +101,7 @@ class PromptRecord:
 class RunSettings:
     mode: str                 # greedy (speculative) | baseline | benchmark (both, alternating)
     sampling: Sampling
-    verifier: str
+    verifier: str | VerifierFn
     max_new_tokens: int
     seed: int
     record_shapes: bool = False
@@ -162,6 +164,8 @@ def result_row(record: PromptRecord, tokenizer) -> dict:
         row["tree_shapes"] = result.tree_shapes
     if record.baseline is not None:
         row.update({BASELINE + key: getattr(record.baseline, key) for key in RESULT_FIELDS})
+    if result.substitutions:  # only a lossy verifier substitutes
+        row.update(substitutions=result.substitutions, after_substitution=result.after_substitution)
     return row
 
 
@@ -195,6 +199,59 @@ def summarize(results: list[DecodeResult]) -> dict:
     }
 
 
+def mean_log_likelihood(target: TreeModel, prompt_ids: list[int], output_ids: list[int]) -> float:
+    """The target's mean log-probability per token of `output_ids` after `prompt_ids`, in one forward."""
+    if not output_ids:
+        return 0.0
+    ids = torch.tensor(prompt_ids + output_ids, device=target.device)
+    rows = torch.arange(len(prompt_ids) - 1, ids.shape[0] - 1, device=target.device)
+    logprobs = teacher_forced_logits(target, ids, rows).float().log_softmax(dim=-1)  # [len(output), V]
+    return float(logprobs.gather(1, ids[len(prompt_ids):, None]).mean())
+
+
+def quality_row(target: TreeModel, prompt_ids: list[int], output_ids: list[int], reference_ids: list[int]) -> dict:
+    """How a (possibly lossy) output compares with the target's own greedy output of the same prompt."""
+    same = [i < len(reference_ids) and reference_ids[i] == token for i, token in enumerate(output_ids)]
+    first = next((i for i, equal in enumerate(same) if not equal), None)
+    if first is None and len(output_ids) != len(reference_ids):
+        first = min(len(output_ids), len(reference_ids))
+    return {"equal_tokens": sum(same), "first_difference": first,
+            "log_likelihood": mean_log_likelihood(target, prompt_ids, output_ids),
+            "reference_log_likelihood": mean_log_likelihood(target, prompt_ids, reference_ids)}
+
+
+def summarize_quality(rows: list[dict], outputs: list[list[int]], references: list[list[int]]) -> dict:
+    """Over all prompts: share of output tokens equal to the reference at their position, identical outputs,
+    first differences, and the target's mean log-likelihood per token of both (token-weighted)."""
+    tokens = sum(len(o) for o in outputs)
+    ref_tokens = sum(len(r) for r in references)
+    firsts = [row["first_difference"] for row in rows]
+    return {"reference": "the target alone, greedy, same prompts and budget",
+            "token_match": sum(row["equal_tokens"] for row in rows) / max(tokens, 1),
+            "identical_outputs": sum(f is None for f in firsts),
+            "first_difference": firsts,
+            "log_likelihood": sum(row["log_likelihood"] * len(o) for row, o in zip(rows, outputs)) / max(tokens, 1),
+            "reference_log_likelihood": sum(row["reference_log_likelihood"] * len(r)
+                                            for row, r in zip(rows, references)) / max(ref_tokens, 1)}
+
+
+def add_quality(pair: ModelPair, rows: list[dict], max_new_tokens: int, cache: dict[int, list[int]]) -> dict:
+    """Quality figures of finished rows against the target-alone greedy output of each prompt: the benchmark
+    baseline's, from `cache` (prompt index -> output, shared between runs on the same prompts), or decoded now
+    (untimed). Each row gets its own under "quality"; returns the summary's."""
+    references, figures = [], []
+    for row in rows:
+        index = int(row["index"])
+        if index not in cache:
+            cache[index] = row.get(BASELINE + "output_ids") or autoregressive_generate(
+                pair.target, row["prompt_ids"], max_new_tokens, pair.eos_ids, Sampling(),
+                generator_for(pair.target.device, 0)).output_ids
+        references.append(cache[index])
+        row["quality"] = quality_row(pair.target, row["prompt_ids"], row["output_ids"], cache[index])
+        figures.append(row["quality"])
+    return summarize_quality(figures, [row["output_ids"] for row in rows], references)
+
+
 def sampled_children(args: argparse.Namespace) -> bool:
     """Whether this run's drafter samples children from the draft (speculative decoding with the specinfer
     verifier at T > 0) rather than taking its top-k."""
@@ -208,13 +265,18 @@ def describe_args(args: argparse.Namespace) -> dict:
 
 
 def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int, meta: dict,
-            processes: Processes = SINGLE, load_target: Callable | None = None) -> None:
-    """The body every decoding script shares: models, prompts, run, summary, result files.
+            processes: Processes = SINGLE, load_target: Callable | None = None, verifier_override=None,
+            quality: bool = False, references: dict[int, list[int]] | None = None) -> dict | None:
+    """The body every decoding script shares: models, prompts, run, summary, result files; returns the summary
+    (in the main process).
 
     make_drafter(pair, sampling, sample_children) -> Drafter builds the script's drafter; `meta` adds
     script-specific settings (growmap, tree budget, ...) to the result JSON. Rows stream to the result files
     as prompts finish (utils/run_log.py); `processes` splits the prompts of a launched sweep; `load_target`
-    loads the target another way (--offloading).
+    loads the target another way (--offloading). `verifier_override`, a verifier function with `name` and
+    `lossless` attributes, replaces the named verifier (T = 0 only). `quality` (forced for a lossy verifier;
+    T = 0 only) compares every output with the target's own greedy output, which `references` (prompt index ->
+    output ids) caches across runs on the same prompts.
     """
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
     from utils.cli import resolve_dtype
@@ -233,18 +295,26 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     log = processes.share(open_run(args.results_dir, args.resume, script, flags) if processes.main else None)
     sampling = Sampling(args.T, args.P)
     verifier = "greedy" if sampling.greedy else args.verify
+    lossless = LOSSLESS[verifier]
+    sample_children = SAMPLED_CHILDREN[verifier]
+    if verifier_override is not None and args.Mode != "baseline":
+        if not sampling.greedy:
+            raise UserError(f"the {verifier_override.name} verifier serves greedy decoding only: use --T 0")
+        verifier, lossless = verifier_override, verifier_override.lossless
+    name = verifier if isinstance(verifier, str) else verifier.name
+    quality = (quality or not lossless) and sampling.greedy and args.Mode != "baseline"
     tokenizer = load_tokenizer(args.target)
     prompts = load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len)  # fail fast on bad data
     pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, device, args.M, tokenizer, load_target)
-    drafter = None if args.Mode == "baseline" else make_drafter(pair, sampling, SAMPLED_CHILDREN[verifier])
+    drafter = None if args.Mode == "baseline" else make_drafter(pair, sampling, sample_children)
     drafter = with_prompt_lookup(drafter, lookup, args.lookup_ngram)
     settings = RunSettings(args.Mode, sampling, verifier, args.max_new_tokens, args.seed,
                            record_shapes=getattr(args, "record_shapes", False))
     header = {"script": script, "flags": flags, "target": pair.target_name, "draft": pair.draft_name,
               "dtype": str(dtype).removeprefix("torch."), "device": args.device, "versions": library_versions(),
               "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],
-              "verifier": verifier if args.Mode != "baseline" else "none (autoregressive)",
-              "lossless": LOSSLESS[verifier], **meta,
+              "verifier": name if args.Mode != "baseline" else "none (autoregressive)",
+              "lossless": lossless, **meta,
               "prompt_lookup": {"max_tokens": lookup, "max_ngram": getattr(args, "lookup_ngram", None)},
               "processes": {"count": processes.world, "devices": processes.gather([device])},
               "offloading": layer_placement(pair.target.hf_model)}
@@ -254,6 +324,9 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
         if args.Mode == "benchmark":
             summary["baseline"] = summarize([result_of_row(row, BASELINE) for row in rows])
             summary["speedup"] = summary["baseline"]["seconds_per_token"] / max(summary["seconds_per_token"], 1e-12)
+        if not lossless:
+            summary["substitutions"] = sum(row.get("substitutions", 0) for row in rows)
+            summary["after_substitution"] = sum(row.get("after_substitution", 0) for row in rows)
         return summary
 
     def work(mine: list[Prompt], append: Callable[[dict], None]) -> None:
@@ -263,9 +336,23 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     swept = sweep(log, prompts, lambda prompt: prompt.index, work, summary_of, processes)
     if swept is None:
         return
-    summary, _ = swept
-    title = "autoregressive baseline" if args.Mode == "baseline" else f"speculative decoding ({verifier} verification)"
+    summary, rows = swept
+    if quality:
+        summary["quality"] = add_quality(pair, rows, args.max_new_tokens, {} if references is None else references)
+        log.finish(summary, {int(row["index"]): row for row in rows}, partial=len(rows) < len(prompts))
+    title = "autoregressive baseline" if args.Mode == "baseline" else f"speculative decoding ({name} verification)"
+    if not lossless:
+        title += ", LOSSY: output may differ from the target's own"
     emit(format_summary(title, summary))
+    if not lossless:
+        emit(f"  substitutions           {summary['substitutions']} accepted draft tokens overwritten; "
+             f"{summary['after_substitution']} tokens emitted at or after one")
+    if quality:
+        q = summary["quality"]
+        emit(f"  equals target alone     {100 * q['token_match']:.1f}% of tokens, {q['identical_outputs']}/"
+             f"{len(rows)} outputs identical")
+        emit(f"  target log-likelihood   {q['log_likelihood']:.3f} per token (target alone: "
+             f"{q['reference_log_likelihood']:.3f})")
     if args.Mode == "benchmark":
         emit(format_summary("autoregressive baseline (same prompts, alternating)", summary["baseline"]))
         emit(f"  speedup                 {summary['speedup']:.2f}x")
@@ -275,3 +362,5 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
         emit(f"  offloaded target layers {places}; verification {verify_ms:.1f} ms per target step (trees up to "
              f"{tree_size} nodes; per tree size: python -m utils.growmap_tool latency --offloading)")
     emit(f"results: {log.json_path}")
+    summary["results"] = str(log.json_path)
+    return summary
