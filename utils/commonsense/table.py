@@ -5,7 +5,7 @@ Two file formats:
 - text (the original project's `sorted_followers_top12.txt`): line i holds the K follower ids of token i,
   separated by spaces, -1 as padding;
 - tensor (`.pt`, loaded with `weights_only=True`): {"followers": int32 [V, K], "meta": {...}}, how it was
-  built. About 40x faster to load than the text.
+  built. Loads ~25x faster than the text (0.04 s vs 1.0 s for the original's 32,001-line table, 2-core CPU).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
-from utils.models import DEFAULT_TARGET, REPO_ROOT, default_draft_for, resolve_model_path
+from utils.models import DEFAULT_TARGET, REPO_ROOT, resolve_model_path
 
 # the shipped table per embedded target (README: "Common-sense tokens" says how it was built)
 DEFAULT_FOLLOWERS = {DEFAULT_TARGET: REPO_ROOT / "followers" / "smollm2-135m-top12.pt"}
@@ -62,11 +62,11 @@ def target_vocab_size(target: str | None) -> int:
 
 def default_followers(target: str | None) -> str:
     """The shipped table for the embedded default target; any other target needs --followers."""
-    path = default_draft_for(target, DEFAULT_FOLLOWERS)
-    if path is None:
+    path = DEFAULT_FOLLOWERS.get(DEFAULT_TARGET if target is None else target)
+    if path is None or not path.is_file():
         raise UserError(f"no follower table is shipped for target {target}: build one (python -m utils.commonsense "
                         "build --target ... --distill) and pass --followers")
-    return path
+    return str(path)
 
 
 def prompt_pairs(dataset: str, tokenizer, start: int, end: int | None) -> tuple[list, str]:
