@@ -60,6 +60,22 @@ def test_both_formats_round_trip(tmp_path):
     assert (tmp_path / "t.txt").read_text().splitlines()[0].split() == [str(v) for v in table[0].tolist()]
 
 
+def test_distillation_pairs_count_only_what_the_target_wrote(monkeypatch, tiny_model_dirs):
+    import utils.training.distill_data as distill
+    from utils.commonsense.__main__ import distill_pairs
+
+    # row 0: prompt 1 0, the target wrote 3 1 2; row 1: prompt 2, the target wrote 1
+    data = distill.DistillData(tokens=np.array([1, 0, 3, 1, 2, 2, 1]), offsets=np.array([0, 5, 7]),
+                               teacher=np.array([False, False, True, True, True, False, True]),
+                               topk_ids=np.zeros((7, 1)), topk_logprobs=np.zeros((7, 1)))
+    monkeypatch.setattr(distill, "ensure_distill_data", lambda settings, tokens: [])
+    monkeypatch.setattr(distill, "load_distill_data", lambda paths: data)
+    pairs, source = distill_pairs(tiny_model_dirs["target"], "chat", 10)
+    assert "2 rows" in source
+    # counted: 0->3, 3->1, 1->2, 2->1; the prompt's own pair 1->0 is not
+    assert count_followers(pairs, 4, 2).tolist() == [[3, -1], [2, -1], [1, -1], [1, -1]]
+
+
 @pytest.mark.parametrize("case", ["missing", "ragged", "not numbers", "other tokenizer", "ids too large", "not a table"])
 def test_bad_tables_are_refused(case, tmp_path):
     path = tmp_path / ("t.pt" if case == "not a table" else "t.txt")

@@ -68,7 +68,7 @@ class RunDefaults:
     static: bool = False                # test_greedyS_dy.py: verify the --growmap's static tree instead
     followers: str | None = None        # common-sense follower table; None = the one shipped for the target
     followers_k: int = 12               # followers kept per token id by `python -m utils.commonsense build`
-    followers_distill_tokens: int = 20_000  # target-written tokens the shipped table was counted over
+    followers_distill_tokens: int = 200_000  # `build --distill`: target-written tokens counted
     commonsense: str = "all"            # substitute (lossy), augment (lossless), or all (side by side, plain too)
     augment: int = 4                    # augment: follower nodes added per step (counted in --M)
     augment_width: int = 2              # augment: followers per node, nodes in drafting order from the root

@@ -1,7 +1,7 @@
 """Follower tables for common-sense verification (test_greedyS_commonsense.py).
 
-  python -m utils.commonsense build --distill --distill-tokens 20000 --output followers/smollm2-135m-top12.pt
-  python -m utils.commonsense build --dataset my_corpus.jsonl --k 12 --output t.pt --text t.txt
+  python -m utils.commonsense build --dataset builtin --start 12 --output followers/smollm2-135m-top12.pt  # shipped
+  python -m utils.commonsense build --distill --distill-tokens 200000 --output t.pt --text t.txt
   python -m utils.commonsense inspect followers/smollm2-135m-top12.pt
 
 `build` counts, over a tokenized corpus, the K most frequent next tokens of every token id of the target's
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 from utils.cli import OneLineParser, run_cli
-from utils.commonsense.table import (count_followers, distill_pairs, load_followers, prompt_pairs, save_tensor,
-                                     save_text, target_vocab_size)
+from utils.commonsense.table import (count_followers, load_followers, prompt_pairs, save_tensor, save_text,
+                                     target_vocab_size)
 from utils.config import DEFAULTS
 from utils.errors import UserError
 from utils.models import DEFAULT_TARGET, load_tokenizer
@@ -23,6 +24,26 @@ from utils.models import DEFAULT_TARGET, load_tokenizer
 
 TARGET_HELP = ("target whose tokenizer the table is for: hub id, folder or .gguf (default: the embedded "
                "SmolLM2-135M-Instruct)")
+
+
+def distill_pairs(target: str | None, mix: str, tokens: int) -> tuple[list, str]:
+    """(previous, next) pairs of the draft trainer's distillation data (text the target wrote itself; made
+    and cached when missing), keeping pairs whose next token the target wrote: what it tends to write next."""
+    # imported here, by the entry point: subsystems do not import each other (DESIGN.md)
+    from utils.training.distill_data import DISTILL_MIXES, ensure_distill_data, load_distill_data
+
+    if mix not in DISTILL_MIXES:
+        raise UserError(f"unknown --distill-mix {mix!r}: choose from {', '.join(DISTILL_MIXES)}")
+    settings = replace(DISTILL_MIXES[mix], target=target)
+    data = load_distill_data(ensure_distill_data(settings, tokens))
+    pairs = []
+    for row in range(data.num_rows):
+        a, b = int(data.offsets[row]), int(data.offsets[row + 1])
+        written = data.teacher[a + 1:b]
+        pairs.append((data.tokens[a:b - 1][written], data.tokens[a + 1:b][written]))
+    teacher = int(data.num_teacher_tokens)
+    return pairs, (f"distillation data ({mix} mix, {data.num_rows} rows, {teacher} target-written tokens, "
+                   f"cache key {settings.key()})")
 
 
 def build(args: argparse.Namespace) -> None:

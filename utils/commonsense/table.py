@@ -79,27 +79,6 @@ def prompt_pairs(dataset: str, tokenizer, start: int, end: int | None) -> tuple[
     return [(row[:-1], row[1:]) for row in rows], f"--dataset {dataset} rows [{start}, {stop})"
 
 
-def distill_pairs(target: str | None, mix: str, tokens: int) -> tuple[list, str]:
-    """(previous, next) pairs of the draft trainer's distillation data (text the target wrote itself; made
-    and cached when missing), keeping pairs whose next token the target wrote: what it tends to write next."""
-    from dataclasses import replace
-
-    from utils.distill_data import DISTILL_MIXES, ensure_distill_data, load_distill_data
-
-    if mix not in DISTILL_MIXES:
-        raise UserError(f"unknown --distill-mix {mix!r}: choose from {', '.join(DISTILL_MIXES)}")
-    settings = replace(DISTILL_MIXES[mix], target=target)
-    data = load_distill_data(ensure_distill_data(settings, tokens))
-    pairs = []
-    for row in range(data.num_rows):
-        a, b = int(data.offsets[row]), int(data.offsets[row + 1])
-        written = data.teacher[a + 1:b]
-        pairs.append((data.tokens[a:b - 1][written], data.tokens[a + 1:b][written]))
-    teacher = int(data.num_teacher_tokens)
-    return pairs, (f"distillation data ({mix} mix, {data.num_rows} rows, {teacher} target-written tokens, "
-                   f"cache key {settings.key()})")
-
-
 def save_text(table: torch.Tensor, path: str | Path) -> None:
     """The original's text format: one line per token id, K ids, -1 padding."""
     np.savetxt(path, table.numpy(), fmt="%d", delimiter=" ")
