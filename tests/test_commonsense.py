@@ -76,7 +76,8 @@ def test_distillation_pairs_count_only_what_the_target_wrote(monkeypatch, tiny_m
     assert count_followers(pairs, 4, 2).tolist() == [[3, -1], [2, -1], [1, -1], [1, -1]]
 
 
-@pytest.mark.parametrize("case", ["missing", "ragged", "not numbers", "other tokenizer", "ids too large", "not a table"])
+@pytest.mark.parametrize("case", ["missing", "ragged", "not numbers", "other tokenizer", "ids too large",
+                                  "not a table"])
 def test_bad_tables_are_refused(case, tmp_path):
     path = tmp_path / ("t.pt" if case == "not a table" else "t.txt")
     content = {"ragged": "1 2\n3\n", "not numbers": "1 a\n2 3\n", "other tokenizer": "1 2\n" * 7,
