@@ -9,8 +9,8 @@ Example (the original README's command, with hub models):
 from __future__ import annotations
 
 from engine.drafters import StaticTreeDrafter
-from engine.growmap import load_growmap
 from engine.sampling import Sampling
+from utils.calibration import add_calibration_flags, plan_static_run
 from utils.cli import decoding_parser, run_cli, validate_common
 from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
@@ -20,17 +20,19 @@ from utils.original_flags import draft_top_p, report_ignored, static_tree_reason
 
 def main() -> None:
     parser = decoding_parser(__doc__, "test_greedyS")
+    add_calibration_flags(parser)
+    parser.set_defaults(growmap=None)  # no --growmap: the tree the calibration's search picks (utils/calibration)
     args = parser.parse_args()
     validate_common(args)
     report_ignored(parser, args, static_tree_reasons(sampled_children(args)))
     processes = start_processes(args.device)
-    growmap = load_growmap(args.growmap)
-    meta = {"growmap": {"path": args.growmap, "size": growmap.size, "depth": growmap.max_depth,
+    growmap, origin, kernels = plan_static_run(args, need_draft=True)  # baseline too: the plan the trees would run
+    meta = {"growmap": {**origin, "size": growmap.size, "depth": growmap.max_depth,
                         "nodes_per_depth": growmap.nodes_per_depth()}}
     execute(args, "test_greedyS",
             lambda pair, sampling, sample_children: StaticTreeDrafter(
                 pair.draft, growmap, Sampling(args.T, draft_top_p(args)), sample_children),
-            growmap.size, meta, processes, target_loader(args, processes.device or args.device))
+            growmap.size, meta, processes, target_loader(args, processes.device or args.device), kernels=kernels)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from engine.drafters import StaticTreeDrafter
 from engine.dynamic_drafter import SCORES, DynamicTreeDrafter, check_decay, check_score
 from engine.growmap import load_growmap
 from engine.sampling import Sampling
+from utils.calibration import add_calibration_flags, choose_kernels, dynamic_step_rows, static_step_rows
 from utils.cli import decoding_parser, run_cli, validate_common
 from utils.config import DEFAULTS, tree_limits
 from utils.distributed.offload import target_loader
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--score", default=DEFAULTS.score, choices=SCORES,
                         help="logprob = cumulative draft log-probability (EAGLE-2); original = the original's "
                              "depth-weighted cumulative logit (see --decay; not with --verify specinfer)")
+    add_calibration_flags(parser)
     args = parser.parse_args()
     validate_common(args)
     report_ignored(parser, args, ignored_reasons(args))
@@ -71,10 +73,11 @@ def main() -> None:
         growmap = load_growmap(args.growmap)
         meta = {"growmap": {"path": args.growmap, "size": growmap.size, "depth": growmap.max_depth,
                             "nodes_per_depth": growmap.nodes_per_depth()}, "static": True}
+        kernels = choose_kernels(args, *static_step_rows(growmap, args.lookup), need_draft=True)
         execute(args, "test_greedyS_dy",
                 lambda pair, sampling, sample_children: StaticTreeDrafter(pair.draft, growmap, draft_sampling,
                                                                           sample_children),
-                growmap.size, meta, processes, load_target)
+                growmap.size, meta, processes, load_target, kernels=kernels)
         return
     args.B, args.D = tree_limits(args.growmap, args.B, args.D)
     args.W = DEFAULTS.W if args.W is None else args.W
@@ -83,10 +86,11 @@ def main() -> None:
     meta = {"dynamic_tree": {"budget": args.B, "width": args.W, "max_depth": args.D, "score": args.score,
                              "decay": args.decay if args.score == "original" else None}}
     slots = DynamicTreeDrafter.slots_for(args.B, args.W, args.D)
+    kernels = choose_kernels(args, *dynamic_step_rows(args.B, args.W, args.D, args.lookup), need_draft=True)
     execute(args, "test_greedyS_dy",
             lambda pair, sampling, sample_children: DynamicTreeDrafter(pair.draft, draft_sampling, sample_children,
                                                                        args.B, args.W, args.D, args.score, args.decay),
-            slots, meta, processes, load_target)
+            slots, meta, processes, load_target, kernels=kernels)
 
 
 if __name__ == "__main__":

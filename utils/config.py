@@ -72,8 +72,10 @@ class RunDefaults:
     commonsense: str = "all"            # substitute (lossy), augment (lossless), or all (side by side, plain too)
     augment: int = 4                    # augment: follower nodes added per step (counted in --M)
     augment_width: int = 2              # augment: followers per node, nodes in drafting order from the root
+    kernel: str = "auto"                # linear-layer kernels: auto (calibrated per machine), plain, onednn
 
 
 DEFAULTS = RunDefaults()
 MODES = ("greedy", "baseline", "benchmark")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNELS = ("auto", "plain", "onednn")  # engine/linear_paths.py LINEAR_PATHS, and auto

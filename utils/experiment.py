@@ -12,6 +12,8 @@ from tqdm import tqdm
 from engine.decoder import (DecodeResult, Drafter, StepTimer, VerifierFn, autoregressive_generate, check_capacity,
                             speculative_generate)
 from engine.drafters import teacher_forced_logits
+from engine.growmap import Growmap, load_growmap
+from engine.linear_paths import KernelPlan, apply_linear_path
 from engine.model import TreeModel
 from engine.prompt_lookup import with_prompt_lookup
 from engine.sampling import Sampling
@@ -23,6 +25,31 @@ from utils.run_log import SINGLE, Processes, open_run, sweep
 
 
 WARMUP_TOKENS = 4  # new tokens of the untimed warm-up call before timed runs
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The dtype and linear-layer kernels each model runs with (picked by utils/calibration/), the one line
+    saying so, and the record the result JSON keeps."""
+
+    target: KernelPlan
+    draft: KernelPlan
+    line: str
+    record: dict
+
+
+def fixed_plan(args: argparse.Namespace, need_draft: bool) -> tuple[Growmap, dict, KernelChoice]:
+    """A static-tree run without calibration: --growmap (or the shipped default) and both models in --dtype
+    with plain kernels. utils/calibration's `plan_static_run` is the calibrated one (same signature)."""
+    from utils.cli import resolve_dtype
+    from utils.config import DEFAULTS
+
+    path = args.growmap or DEFAULTS.growmap
+    growmap = load_growmap(path)
+    plan = KernelPlan(resolve_dtype(args.dtype, args.device))
+    choice = KernelChoice(plan, plan, f"kernels: {plan.label} for both models (not calibrated)",
+                          {"target": plan.label, "draft": plan.label, "calibrated": False})
+    return growmap, {"path": path}, choice
 
 
 @dataclass
@@ -47,8 +74,9 @@ def eos_ids_of(tokenizer, hf_model) -> set[int]:
 
 
 def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dtype: torch.dtype, device: str,
-               max_len: int) -> tuple[str, TreeModel]:
-    """A draft for an already loaded target (full or subset vocabulary), as (name, TreeModel).
+               max_len: int, linear_path: str = "plain") -> tuple[str, TreeModel]:
+    """A draft for an already loaded target (full or subset vocabulary), as (name, TreeModel), its linear
+    layers on `linear_path` (engine/linear_paths.py).
 
     spec None means the suite's own draft for the target; a vocabulary that does not match is refused.
     """
@@ -61,9 +89,11 @@ def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dty
         from engine.feature_draft import FeatureDraftModel
 
         net, head_ids = load_feature_net(resolve_model_path(name), target.hf_model, dtype)
+        apply_linear_path(net.to(device), linear_path)
         return name, FeatureDraftModel(net.to(device), max_len, None if head_ids is None else torch.tensor(head_ids))
     vocab = load_draft_vocab(name)
     hf_model = load_hf_model(name, dtype, device)
+    apply_linear_path(hf_model, linear_path)
     if vocab is None:
         check_vocab_match(hf_model.lm_head.out_features, target.vocab_size, name, target_name)
         return name, TreeModel(hf_model, max_len)
@@ -73,13 +103,20 @@ def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dty
 
 
 def load_pair(target: str | None, draft: str | None, need_draft: bool, dtype: torch.dtype, device: str,
-              max_len: int, tokenizer=None, load_target: Callable | None = None) -> ModelPair:
-    """Target, tokenizer and (when needed) draft, as TreeModels with `max_len` cache slots each;
-    `load_target(spec, dtype, device)` replaces the plain target load (--offloading)."""
+              max_len: int, tokenizer=None, load_target: Callable | None = None,
+              plans: tuple[KernelPlan, KernelPlan] | None = None) -> ModelPair:
+    """Target, tokenizer and (when needed) draft, as TreeModels with `max_len` cache slots each: both in
+    `dtype` with plain kernels, or as `plans` says (target's plan, draft's plan; see utils/calibration/);
+    `load_target(spec, dtype, device)` replaces the plain target load (--offloading, whose target keeps plain
+    kernels: its weights are not all in memory to pack)."""
+    target_plan, draft_plan = plans or (KernelPlan(dtype), KernelPlan(dtype))
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
-    target_hf = (load_target or load_hf_model)(target, dtype, device)
+    target_hf = (load_target or load_hf_model)(target, target_plan.dtype, device)
+    if load_target is None:
+        apply_linear_path(target_hf, target_plan.linear_path)
     target_model = TreeModel(target_hf, max_len)
-    draft_name, draft_model = load_draft(draft, target, target_model, dtype, device, max_len) if need_draft else (None, None)
+    draft_name, draft_model = (load_draft(draft, target, target_model, draft_plan.dtype, device, max_len,
+                                          draft_plan.linear_path) if need_draft else (None, None))
     return ModelPair(target_model, draft_model, tokenizer, target or DEFAULT_TARGET, draft_name,
                      eos_ids_of(tokenizer, target_hf))
 
@@ -266,7 +303,8 @@ def describe_args(args: argparse.Namespace) -> dict:
 
 def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int, meta: dict,
             processes: Processes = SINGLE, load_target: Callable | None = None, verifier_override=None,
-            quality: bool = False, references: dict[int, list[int]] | None = None) -> dict | None:
+            quality: bool = False, references: dict[int, list[int]] | None = None,
+            kernels: KernelChoice | None = None) -> dict | None:
     """The body every decoding script shares: models, prompts, run, summary, result files; returns the summary
     (in the main process).
 
@@ -276,7 +314,8 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     loads the target another way (--offloading). `verifier_override`, a verifier function with `name` and
     `lossless` attributes, replaces the named verifier (T = 0 only). `quality` (forced for a lossy verifier;
     T = 0 only) compares every output with the target's own greedy output, which `references` (prompt index ->
-    output ids) caches across runs on the same prompts.
+    output ids) caches across runs on the same prompts. `kernels` (utils/calibration/) sets each model's dtype
+    and kernels, else both run in --dtype with plain kernels.
     """
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
     from utils.cli import resolve_dtype
@@ -284,7 +323,7 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     from utils.report import emit, format_summary, hardware, library_versions
 
     device = processes.device or args.device
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = kernels.target.dtype if kernels else resolve_dtype(args.dtype, device)
     lookup = getattr(args, "lookup", 0) if args.Mode != "baseline" else 0
     tree_size += lookup
     needed = args.prompt_len + args.max_new_tokens + tree_size
@@ -305,7 +344,11 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     quality = (quality or not lossless) and sampling.greedy and args.Mode != "baseline"
     tokenizer = load_tokenizer(args.target)
     prompts = load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len)  # fail fast on bad data
-    pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, device, args.M, tokenizer, load_target)
+    if kernels and processes.main:
+        emit(kernels.line)
+    plans = (kernels.target, kernels.draft) if kernels else None
+    pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, device, args.M, tokenizer, load_target,
+                     plans)
     drafter = None if args.Mode == "baseline" else make_drafter(pair, sampling, sample_children)
     drafter = with_prompt_lookup(drafter, lookup, args.lookup_ngram)
     settings = RunSettings(args.Mode, sampling, verifier, args.max_new_tokens, args.seed,
@@ -317,7 +360,7 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
               "lossless": lossless, **meta,
               "prompt_lookup": {"max_tokens": lookup, "max_ngram": getattr(args, "lookup_ngram", None)},
               "processes": {"count": processes.world, "devices": processes.gather([device])},
-              "offloading": layer_placement(pair.target.hf_model)}
+              "offloading": layer_placement(pair.target.hf_model), "kernels": kernels.record if kernels else None}
 
     def summary_of(rows: list[dict]) -> dict:
         summary = {**header, **summarize([result_of_row(row) for row in rows])}

@@ -38,7 +38,9 @@ def add_original_flags(parser: argparse.ArgumentParser) -> None:
     `utils.cli.add_offload_flags`)."""
     parser.add_argument("--growmap", default=DEFAULTS.growmap,
                         help="static tree shape (.pt growmap file); the dynamic tree's default --B and --D are its "
-                             "size and depth")
+                             "size and depth. Not given, test_greedyS.py and the benchmark run the tree the "
+                             "hardware-aware search picks from this machine's calibration profile (default pair on "
+                             "CPU; utils/calibration)")
     parser.add_argument("--DP", type=float, default=None,
                         help="draft top-p: nucleus mass of the draft distribution that children are sampled from "
                              "(--verify specinfer at --T > 0); >= 1 = no top-p on the draft, as the original's 1.1 "

@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.growmap import Growmap
 from engine.verifiers import VERIFIERS
 from utils.bench.methods import METHODS, PROMPT_LOOKUP_TOKENS, BenchSetup, DynamicShape, Run
 from utils.cli import OneLineParser, add_data_flags, add_lookup_flags, add_model_flags, run_cli, validate_common
-from utils.config import DEFAULTS, tree_limits
+from utils.config import DEFAULTS
 from utils.data import Prompt
 from utils.errors import UserError
+from utils.experiment import fixed_plan
 
 TIE_TOLERANCE = 1e-4
 FIGURE_KEYS = ("tokens_per_second", "ms_per_token", "mean_accepted_tokens", "speedup_vs_generate", "matches_generate")
@@ -209,7 +211,7 @@ def plot_speedups(methods: dict[str, dict], path: Path, title: str) -> Path:
     return path
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, add_flags: Callable | None = None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m utils.bench", description=__doc__.split("\n\n")[0],
                            epilog="Results: <results-dir>/bench-<time>.json (+ .jsonl, .png); "
                                   "the last output line is 'results: <path>'.")
@@ -220,7 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verify", default=DEFAULTS.verify, choices=VERIFIERS[1:],
                         help="the suite's verifier at T > 0 (T = 0 always verifies greedily)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
-    parser.add_argument("--growmap", default=DEFAULTS.growmap, help="static tree shape (.pt growmap)")
+    parser.add_argument("--growmap", default=None,
+                        help="static tree shape (.pt growmap); default: for the default pair on CPU, the hardware-aware "
+                             f"search's tree for this machine's calibration profile, else {DEFAULTS.growmap}")
     parser.add_argument("--dynamic-budget", "--B", type=int, default=None,
                         help="dynamic tree node budget, root included (default: the growmap's size)")
     parser.add_argument("--dynamic-width", "--W", type=int, default=DEFAULTS.W,
@@ -240,6 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-lookup-tokens", type=int, default=PROMPT_LOOKUP_TOKENS,
                         help="prompt_lookup_num_tokens for transformers' prompt lookup decoding")
     add_lookup_flags(parser)  # the suite's own prompt lookup on its static and dynamic trees
+    if add_flags is not None:
+        add_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -252,10 +258,11 @@ def selected_methods(spec: str) -> list[str]:
     return [name for name in METHODS if name in asked or name == "generate"]
 
 
-def dynamic_shape(args: argparse.Namespace) -> DynamicShape:
-    """The dynamic tree's limits: the flags, or the growmap's size and depth (so both trees get the same
+def dynamic_shape(args: argparse.Namespace, growmap: Growmap) -> DynamicShape:
+    """The dynamic tree's limits: the flags, or the static tree's size and depth (so both trees get the same
     node budget)."""
-    budget, depth = tree_limits(args.growmap, args.dynamic_budget, args.dynamic_depth)
+    budget = growmap.size if args.dynamic_budget is None else args.dynamic_budget
+    depth = growmap.max_depth if args.dynamic_depth is None else args.dynamic_depth
     shape = DynamicShape(budget=budget, width=args.dynamic_width, max_depth=depth, score=DEFAULTS.score)
     if shape.budget < 2 or shape.width < 1 or shape.max_depth < 1:
         raise UserError(f"the dynamic tree needs --dynamic-budget >= 2, --dynamic-width >= 1 and --dynamic-depth "
@@ -263,21 +270,23 @@ def dynamic_shape(args: argparse.Namespace) -> DynamicShape:
     return shape
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_flags: Callable | None = None) -> None:
+    """The benchmark. `plan_run(args, need_draft) -> (growmap, origin, KernelChoice)` picks the static tree and
+    each model's dtype and kernels: `python -m utils.bench` passes the calibrated one (utils/calibration) and
+    its flags, `add_flags`; the default takes --growmap and --dtype as they are."""
     from tqdm import tqdm
 
-    from engine.growmap import load_growmap
     from engine.sampling import Sampling
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
     from utils.bench.methods import prepare_methods, run_alternating
-    from utils.cli import quiet_transformers, resolve_dtype
+    from utils.cli import quiet_transformers
     from utils.data import load_prompts
     from utils.experiment import load_pair
     from utils.models import default_token_draft_for, load_hf_model
     from utils.report import emit, hardware, library_versions
     from utils.run_log import launched_world_size, open_run, sweep
 
-    args = parse_args(argv)
+    args = parse_args(argv, add_flags)
     validate_common(args)
     if launched_world_size() > 1:
         raise UserError("the benchmark times its methods side by side in one process: run it without a launcher")
@@ -287,12 +296,15 @@ def main(argv: list[str] | None = None) -> None:
     quiet_transformers()
     sampling = Sampling(args.T, args.P)
     verifier = "greedy" if sampling.greedy else args.verify
-    growmap = load_growmap(args.growmap)
-    dynamic = dynamic_shape(args)
-    dtype = resolve_dtype(args.dtype, args.device)
+    need_draft = any(m in DRAFT_METHODS for m in methods)
+    growmap, origin, kernels = plan_run(args, need_draft)
+    dynamic = dynamic_shape(args, growmap)
+    emit(kernels.line)
+    dtype = kernels.target.dtype
     log = open_run(args.results_dir, args.resume, "bench", vars(args))
     max_len = args.prompt_len + args.max_new_tokens + max(growmap.size, dynamic.slots_bound()) + args.lookup + 1
-    pair = load_pair(args.target, args.model, any(m in DRAFT_METHODS for m in methods), dtype, args.device, max_len)
+    pair = load_pair(args.target, args.model, need_draft, dtype, args.device, max_len,
+                     plans=(kernels.target, kernels.draft))
     prompts = load_prompts(args.dataset, pair.tokenizer, args.start, args.end, args.prompt_len)
 
     assistant_draft = None
@@ -311,11 +323,12 @@ def main(argv: list[str] | None = None) -> None:
         emit(f"note: {note}")
     header = {
         "script": "bench", "flags": vars(args), "methods_run": methods, "target": pair.target_name,
-        "draft": pair.draft_name, "dtype": str(dtype).removeprefix("torch."), "hf_dtype": setup.hf_dtype_choice,
+        "draft": pair.draft_name, "dtype": str(dtype).removeprefix("torch."), "kernels": kernels.record,
+        "hf_dtype": setup.hf_dtype_choice,
         "device": args.device, "versions": {**library_versions(), "matplotlib": _version("matplotlib")},
         "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],
         "sampling": {"temperature": args.T, "top_p": args.P}, "verifier": verifier, "lossless": LOSSLESS[verifier],
-        "growmap": {"path": args.growmap, "size": growmap.size, "depth": growmap.max_depth},
+        "growmap": {**origin, "size": growmap.size, "depth": growmap.max_depth},
         "dynamic_tree_shape": asdict(dynamic),
         "suite_prompt_lookup": {"max_tokens": args.lookup, "max_ngram": args.lookup_ngram,
                                 "note": "grafted onto static_tree and dynamic_tree"},

@@ -26,6 +26,7 @@ from engine.decoder import Drafter, autoregressive_generate, speculative_generat
 from engine.drafters import StaticTreeDrafter
 from engine.dynamic_drafter import DynamicTreeDrafter
 from engine.growmap import Growmap
+from engine.linear_paths import plain_copy
 from engine.prompt_lookup import with_prompt_lookup
 from engine.sampling import Sampling
 from utils.data import Prompt
@@ -121,10 +122,12 @@ def subset_vocab_assistant(draft_hf: nn.Module, vocab: DraftVocab) -> nn.Module:
 
 
 def in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`model` itself when already in `dtype`, else a converted copy (the original stays untouched)."""
+    """`model` with torch's plain linear kernels (sharing its weights) when already in `dtype`, else a
+    converted copy (the original stays untouched): transformers' methods run as users would run them."""
+    plain = plain_copy(model)
     if next(model.parameters()).dtype == dtype:
-        return model
-    return copy.deepcopy(model).to(dtype)
+        return plain
+    return copy.deepcopy(plain).to(dtype)
 
 
 @torch.inference_mode()
@@ -326,7 +329,7 @@ def prepare_methods(methods: list[str], pair: ModelPair, growmap: Growmap, sampl
     copies = ModelCopies()
     assistant = None
     if "assisted" in methods:
-        name, draft_hf = assistant_draft or (pair.draft_name, pair.draft.hf_model)
+        name, draft_hf = assistant_draft or (pair.draft_name, plain_copy(pair.draft.hf_model))
         assistant, setup.assistant, note = _assistant_for(name, draft_hf, warm_prompt)
         setup.notes.extend([note] if note else [])
     for name in (m for m in HF_METHODS if m in methods):

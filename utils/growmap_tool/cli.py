@@ -7,6 +7,7 @@ import sys
 from typing import Sequence
 
 from engine.growmap import GrowmapError
+from engine.linear_paths import LINEAR_PATHS
 from utils.cli import OneLineParser, add_model_flags, add_offload_flags, add_prompt_flags
 from utils.errors import UserError
 from utils.growmap_tool.build import cmd_build
@@ -116,6 +117,9 @@ def _add_latency_command(commands) -> None:
     sub.add_argument("--warmup", type=int, default=2, help="untimed runs per size first; default 2")
     sub.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the random trees and tokens")
+    sub.add_argument("--kernel", choices=LINEAR_PATHS, default=LINEAR_PATHS[0],
+                     help="linear-layer kernels of both models: plain torch, or onednn (weights packed once; "
+                          "engine/linear_paths.py); default plain")
     sub.add_argument("-o", "--output", required=True, help="latency profile to write (.json)")
     add_offload_flags(sub)  # a profile of the offloaded target, for search --latency
 

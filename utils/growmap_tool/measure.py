@@ -10,6 +10,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from engine.linear_paths import LINEAR_PATHS, KernelPlan, path_available
 from engine.model import to_target_vocab
 from engine.tree_search import sequoia_dp
 from utils.errors import UserError
@@ -45,7 +46,11 @@ def load_models(args: argparse.Namespace, max_len: int, target_loader=None):
     if getattr(args, "offloading", False) and target_loader is None:
         raise UserError("--offloading is served by `python -m utils.growmap_tool`")
     load_target = target_loader(args, device) if target_loader is not None else None
-    pair = load_pair(args.target, args.model, True, dtype, device, max_len, load_target=load_target)
+    path = getattr(args, "kernel", LINEAR_PATHS[0])  # latency only: the linear kernels to time (engine/linear_paths.py)
+    plan = KernelPlan(dtype, path)
+    if not path_available(path, dtype, device):
+        raise UserError(f"--kernel {path} cannot run {plan.label.split('/')[0]} on {device} here: pass --kernel plain")
+    pair = load_pair(args.target, args.model, True, dtype, device, max_len, load_target=load_target, plans=(plan, plan))
     return pair, device, dtype
 
 
@@ -299,6 +304,7 @@ def cmd_latency(args: argparse.Namespace, argv: Sequence[str], target_loader=Non
         "draft_frontier": args.draft_frontier, "draft_ms": median["draft"],
         "timings_ms": per, "prefix": args.prefix, "tree": args.tree, "repeats": repeats, "warmup": warmup,
         "seed": args.seed, "offloading": layer_placement(pair.target.hf_model), **_environment(device, dtype),
+        "kernel": args.kernel,
     }
     write_json(out, record)
     print(f"{'tokens':>6} {'target ms':>10} {'min':>8} {'max':>8}")

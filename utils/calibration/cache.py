@@ -1,0 +1,83 @@
+"""The calibration cache: one JSON file per machine key, holding each measured model's timings."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from utils.models import cache_dir
+from utils.report import write_json
+
+FORMAT = 1  # bump when the measurement changes meaning: older files are then recalibrated
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+ISA_OVERRIDES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_description(cpuinfo: str) -> tuple[str, list[str]]:
+    """(model name, the ISA flags that pick kernel paths) from the text of /proc/cpuinfo."""
+    model, flags = "unknown", []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = sorted(set(value.split()) & set(ISA_FLAGS))
+    return model, flags
+
+
+def machine_key() -> dict:
+    """Everything that changes which kernel is fastest: CPU, ISA (and the variables that cap it), torch's
+    chosen CPU capability, threads, library versions."""
+    import transformers
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    model, flags = cpu_description(cpuinfo)
+    return {"format": FORMAT, "cpu": model, "isa": flags, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_overrides": {name: os.environ[name] for name in ISA_OVERRIDES if name in os.environ},
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def profile_path(key: dict, folder: Path | None = None) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return (folder or cache_dir() / "calibration") / f"{digest}.json"
+
+
+def model_fingerprint(path: str) -> str:
+    """A local model folder's config text and weight file sizes, hashed: what decides a forward's cost (the
+    shapes), not where the folder is or what the weights hold, so copies and retrained models share timings."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path  # a hub id: its name is all we know
+    digest = hashlib.sha256((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")
+    for weights in sorted(folder.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return f"{folder.name}#{digest.hexdigest()[:12]}"
+
+
+def read_profile(path: Path, key: dict) -> tuple[dict, str]:
+    """(models, status): the cached timings per model id and "hit"; an empty dict and "miss" when there is
+    no file, or "invalid" when the file is unreadable, malformed or made for another machine key."""
+    if not path.is_file():
+        return {}, "miss"
+    try:
+        data = json.loads(path.read_text())
+        models = data["models"]
+        valid = data["machine"] == key and isinstance(models, dict) and all(
+            isinstance(entry["rows"], list) and all(len(ms) == len(entry["rows"]) for ms in entry["ms"].values())
+            for entry in models.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        valid = False
+    return (models, "hit") if valid else ({}, "invalid")
+
+
+def write_profile(path: Path, key: dict, models: dict) -> None:
+    write_json(path, {"description": "ms per forward for each row count, per model and dtype/kernel path "
+                                     "(fastest of the repeats); written by utils/calibration",
+                      "machine": key, "models": models})
