@@ -74,7 +74,8 @@ def test_each_model_gets_its_fastest_plan_for_its_rows(calls, tiny_model_dirs):
 def test_invalid_file_is_measured_again(calls, tiny_model_dirs, capsys):
     path = profile_path(machine_key())
     path.parent.mkdir(parents=True)
-    for broken in ("{not json", json.dumps({"machine": machine_key(), "models": {"x": {"rows": [1], "ms": {"a": []}}}})):
+    mismatched = {"machine": machine_key(), "models": {"x": {"rows": [1], "ms": {"a": []}}}}
+    for broken in ("{not json", json.dumps(mismatched)):
         path.write_text(broken)
         choice = _choose(tiny_model_dirs)
         assert choice.record["cache"] == "measured"

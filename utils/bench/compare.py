@@ -223,8 +223,8 @@ def parse_args(argv: list[str] | None = None, add_flags: Callable | None = None)
                         help="the suite's verifier at T > 0 (T = 0 always verifies greedily)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
     parser.add_argument("--growmap", default=None,
-                        help="static tree shape (.pt growmap); default: for the default pair on CPU, the hardware-aware "
-                             f"search's tree for this machine's calibration profile, else {DEFAULTS.growmap}")
+                        help="static tree shape (.pt growmap); default: for the default pair on CPU, the "
+                             f"hardware-aware search's tree for this machine's calibration profile, else {DEFAULTS.growmap}")
     parser.add_argument("--dynamic-budget", "--B", type=int, default=None,
                         help="dynamic tree node budget, root included (default: the growmap's size)")
     parser.add_argument("--dynamic-width", "--W", type=int, default=DEFAULTS.W,

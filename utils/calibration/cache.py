@@ -39,7 +39,8 @@ def machine_key() -> dict:
     except OSError:
         cpuinfo = ""
     model, flags = cpu_description(cpuinfo)
-    return {"format": FORMAT, "cpu": model, "isa": flags, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"format": FORMAT, "cpu": model, "isa": flags,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "isa_overrides": {name: os.environ[name] for name in ISA_OVERRIDES if name in os.environ},
             "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__}
 

@@ -57,7 +57,8 @@ def step_costs(entry: dict, step_rows: list[int], allowed: list[str]) -> dict[st
 def _allowed(args: argparse.Namespace, device: str) -> list[KernelPlan]:
     dtypes = None if args.dtype == "auto" else [getattr(torch, args.dtype)]
     paths = LINEAR_PATHS if args.kernel == "auto" else (args.kernel,)
-    plans = [plan for plan in candidates(device) if (dtypes is None or plan.dtype in dtypes) and plan.linear_path in paths]
+    plans = [plan for plan in candidates(device)
+             if (dtypes is None or plan.dtype in dtypes) and plan.linear_path in paths]
     if not plans:
         raise UserError(f"--kernel {args.kernel} cannot run --dtype {args.dtype} on this machine "
                         f"(oneDNN bfloat16 needs AVX512-BF16, AMX or AVX-NE-CONVERT): pass --kernel plain")
@@ -119,7 +120,8 @@ def load_profile(args: argparse.Namespace, need_draft: bool) -> Profile:
                    {"calibrated": True, "profile": str(path), "cache": status})
 
 
-def pick_kernels(profile: Profile, target_rows: list[int], draft_rows: list[int], tree: dict | None = None) -> KernelChoice:
+def pick_kernels(profile: Profile, target_rows: list[int], draft_rows: list[int],
+                 tree: dict | None = None) -> KernelChoice:
     """Each model's plan with the least estimated time for its row counts of one step; `tree` (how the
     static tree was chosen, `pick_growmap`) joins the printed line and the record."""
     if not profile.calibrated:

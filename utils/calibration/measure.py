@@ -43,7 +43,8 @@ def time_rows(model, device: str, rows: tuple[int, ...] = CALIBRATION_ROWS, repe
         tokens = torch.randint(0, vocab, (n,), generator=generator).to(device)
         positions, slots, mask = chain_inputs(n, prefix, device)
         features = model.placeholder_features(n)
-        calls.append(lambda t=tokens, p=positions, s=slots, m=mask, f=features: model.forward(t, p, s, m, prev_features=f))
+        calls.append(lambda t=tokens, p=positions, s=slots, m=mask, f=features:
+                     model.forward(t, p, s, m, prev_features=f))
     best = [float("inf")] * len(rows)
     for round_index in range(repeats + 1):
         for index, call in enumerate(calls):

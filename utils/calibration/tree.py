@@ -51,7 +51,8 @@ def searched_growmap(profile: Profile, lookup: int, acceptance: list[float],
         if best is None or choice.ms_per_token < best[1].ms_per_token:
             best = (plan.label, choice)
     label, choice = best
-    record = {"source": "hardware-aware search over the calibration profile", "acceptance": str(DEFAULT_PAIR_ACCEPTANCE),
+    record = {"source": "hardware-aware search over the calibration profile",
+              "acceptance": str(DEFAULT_PAIR_ACCEPTANCE),
               "target_plan": label, "size": choice.budget, "depth": choice.depth,
               "predicted_tokens_per_step": choice.expected_tokens, "per_target_plan": per_plan}
     return table.tree(choice.budget, choice.levels), record
