@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from engine.growmap import Growmap
-from engine.linear_paths import LINEAR_PATHS, KernelPlan, path_available
+from engine.linear_paths import LINEAR_PATHS, KernelPlan
 from utils.calibration.cache import machine_key, model_fingerprint, profile_path, read_profile, write_profile
 from utils.calibration.measure import CALIBRATION_ROWS, candidates, measure_pair
 from utils.config import DEFAULTS, KERNELS
