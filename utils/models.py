@@ -104,20 +104,43 @@ def resolve_model_path(spec: str | None) -> str:
     return spec  # a hub id
 
 
-def _from_hub_or_folder(loader, name: str, **kwargs):
+def _folded(exc: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line (transformers and huggingface_hub put the detail on line 2)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _from_hub_or_folder(loader, name: str, what: str = "", **kwargs):
+    """loader(name, **kwargs) with every failure a user can cause as one UserError line. A hub id is tried only
+    when the hub answers (utils.hub, seconds) or, offline, from the local cache; never through the libraries'
+    minute of retries."""
+    from utils import hub
+
+    if Path(name).exists():
+        try:
+            return loader(name, **kwargs)
+        except Exception as exc:  # noqa: BLE001  (a bad config or missing weights surface as many types)
+            raise UserError(f"cannot load {what}{name}: {_folded(exc)}") from exc
+    if not hub.hub_reachable():
+        if not hub.cached_locally(name):
+            raise UserError(f"cannot load '{name}': not a local path, and the Hugging Face hub is unreachable "
+                            f"({hub.why_unreachable()}) with no copy in the local cache (pass a local folder or "
+                            ".gguf file instead)")
+        kwargs["local_files_only"] = True
     try:
         return loader(name, **kwargs)
-    except OSError as exc:
-        if Path(name).exists():
-            raise UserError(f"cannot load {name}: {first_line(exc)}") from exc
-        raise UserError(f"cannot load '{name}': not a local path, and the Hugging Face hub is unreachable "
-                        "or has no such model (pass a local folder or .gguf file instead)") from exc
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load '{name}' from the Hugging Face hub ({first_line(exc)}); pass a local folder "
+                        "or .gguf file instead") from exc
 
 
 def load_tokenizer(spec: str | None):
+    """The tokenizer of a --target/--model value, or of a folder holding only a tokenizer (tokenizer_config.json)."""
     from transformers import AutoTokenizer
 
-    return _from_hub_or_folder(AutoTokenizer.from_pretrained, resolve_model_path(spec))
+    folder = Path(spec).expanduser() if spec is not None else None
+    name = str(folder) if folder is not None and (folder / "tokenizer_config.json").is_file() else resolve_model_path(spec)
+    return _from_hub_or_folder(AutoTokenizer.from_pretrained, name, "the tokenizer of ")
 
 
 def load_hf_model(spec: str | None, dtype: torch.dtype, device: str | torch.device):
