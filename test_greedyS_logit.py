@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 
-from utils.cli import (OneLineParser, add_data_flags, add_model_flags, add_offload_flags, resolve_dtype, run_cli,
-                       validate_common)
+from utils.cli import (OneLineParser, add_data_flags, add_model_flags, add_offload_flags, finite_float, resolve_dtype,
+                       run_cli, validate_common)
 from utils.config import DEFAULTS
-from utils.data import load_prompts
+from utils.data import prompts_from_args
 from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
 from utils.errors import UserError
@@ -40,10 +40,10 @@ def build_parser() -> OneLineParser:
     add_model_flags(parser, with_draft=False)
     add_data_flags(parser)
     add_offload_flags(parser)
-    parser.add_argument("--T", type=float, default=DEFAULTS.T,
+    parser.add_argument("--T", type=finite_float, default=DEFAULTS.T,
                         help="temperature of the compared distributions; 0 (greedy) compares the plain softmax "
                              "(T = 1, no top-p), and top-1 agreement is then the acceptance the decoder sees")
-    parser.add_argument("--P", type=float, default=DEFAULTS.P,
+    parser.add_argument("--P", type=finite_float, default=DEFAULTS.P,
                         help="top-p in (0, 1], applied to expected acceptance and outside mass when T > 0 "
                              "(never to the KL)")
     parser.add_argument("--M", type=int, default=DEFAULTS.M,
@@ -84,7 +84,7 @@ def main() -> None:
     log = processes.share(open_run(args.results_dir, args.resume, SCRIPT, vars(args)) if processes.main else None)
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.target)
-    prompts = load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len)  # fail fast on bad data
+    prompts = prompts_from_args(args, tokenizer)  # fail fast on bad data
     pair = load_pair(args.target, None, False, dtype, device, args.M, tokenizer, target_loader(args, device))
     drafts = dict(load_draft(spec, args.target, pair.target, dtype, device, args.M) for spec in args.model)
     if len(drafts) != len(args.model):

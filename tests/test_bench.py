@@ -3,6 +3,7 @@ pure pieces: statistics, rotation, the tie check, the table."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def test_unknown_method_is_a_user_error():
 
 def test_tie_check_flags_a_near_tie_not_a_clear_divergence():
     near = torch.tensor([0.0, 3.0, 3.0 + 5e-5, -1.0])
-    clear = torch.tensor([0.0, 3.0, 3.5, -1.0])
+    clear = torch.tensor([0.0, 3.0, 3.5, -1.0, 0.0, 0.0, 0.0, 2.0, 0.0, 1.5])
     assert bench.is_near_tie(near, (2, 1), bench.TIE_TOLERANCE)
     assert not bench.is_near_tie(clear, (2, 1), bench.TIE_TOLERANCE)
     assert not bench.is_near_tie(near, (2, 0), bench.TIE_TOLERANCE)  # tied best pair, but the method left it
@@ -113,8 +114,23 @@ def test_tie_check_flags_a_near_tie_not_a_clear_divergence():
     assert seen == [([1], [5]), ([2], [7, 7])]
     assert [(d.prompt_index, d.position, d.generate_token, d.method_token, d.tie) for d in found] == [
         (10, 1, 2, 1, True), (11, 2, 7, 9, False)]
+    assert found[0].token_gap == pytest.approx(5e-5, abs=1e-6) and found[1].token_gap == pytest.approx(0.5)
     assert bench.matches_generate(found[:1], greedy=True) is True
     assert bench.matches_generate(found, greedy=True) is False
+
+
+def test_divergence_report_measures_the_two_diverging_tokens():
+    """A tie between two other tokens is not a gap of 0 between the diverging ones (it used to print 'top-two
+    logit gap 0.00e+00' for a divergence a quarter of a logit wide)."""
+    logits = torch.tensor([5.0, 5.0, 4.0, 3.75])  # tokens 0 and 1 tie for the top; generate 2, the method 3
+    (d,) = bench.find_divergences("m", "bfloat16", [[1]], [4], [Run([2], 1.0, 1)], [Run([3], 1.0, 1)],
+                                  lambda ids, prefix: logits)
+    assert not d.tie and d.token_gap == pytest.approx(0.25) and d.check_top_token == 0
+    line = bench.describe_divergence(asdict(d))
+    assert "3 scores 2.50e-01 below 2" in line and line.startswith("DIVERGENCE")
+    (ended,) = bench.find_divergences("m", "bfloat16", [[1]], [4], [Run([2, 2], 1.0, 1)], [Run([2], 1.0, 1)],
+                                      lambda ids, prefix: logits)
+    assert ended.token_gap is None and "one output ended there" in bench.describe_divergence(asdict(ended))
 
 
 def test_first_divergence_and_spread_and_rotation():

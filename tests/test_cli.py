@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,78 @@ def test_bad_input_in_a_fresh_process_is_one_line(tiny_args):
     completed = run_script(*tiny_args, "--P", "1.5")
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines() == ["error: --P must be in (0, 1], got 1.5"]
+
+
+NON_FINITE = {"T nan": ["--T", "nan"], "T inf": ["--T", "inf"], "P nan": ["--P", "nan"], "T -inf": ["--T=-inf"]}
+
+
+@pytest.mark.parametrize("case", NON_FINITE)
+def test_non_finite_temperature_or_top_p_is_one_line(case, tiny_args, monkeypatch, capsys):
+    code, stderr = run_in_process(monkeypatch, capsys, *tiny_args, *NON_FINITE[case])
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "must be a finite number" in stderr
+
+
+BROKEN_FOLDERS = {  # how a model folder is broken -> what the one line says
+    "config not JSON": ("{bad json", "not a valid JSON file"),
+    "config without model_type": ("{}", "model_type"),
+    "config a list": ("[1, 2]", "cannot load"),
+    "config with a bad value": ({"hidden_size": "big"}, "cannot load"),
+    "missing weights": (None, "model.safetensors"),
+}
+
+
+def _broken_copy(source: str, folder: Path, how: str) -> str:
+    shutil.copytree(source, folder)
+    content, _ = BROKEN_FOLDERS[how]
+    if content is None:
+        (folder / "model.safetensors").unlink()
+    elif isinstance(content, dict):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **content}))
+    else:
+        (folder / "config.json").write_text(content)
+    return str(folder)
+
+
+@pytest.mark.parametrize("role", ["--target", "--model"])
+@pytest.mark.parametrize("how", BROKEN_FOLDERS)
+def test_broken_model_folder_is_one_line(how, role, tiny_args, tiny_model_dirs, tmp_path, monkeypatch, capsys):
+    folder = _broken_copy(tiny_model_dirs["target" if role == "--target" else "draft"], tmp_path / "broken", how)
+    code, stderr = run_in_process(monkeypatch, capsys, *tiny_args, role, folder)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1, stderr
+    assert BROKEN_FOLDERS[how][1] in lines[0] and "broken" in lines[0]
+
+
+def test_unreachable_hub_is_one_line(tmp_path):
+    """The seed's first command with hub models and no hub: one line, none of the libraries' retry warnings."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": "http://127.0.0.1:9", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [sys.executable, SCRIPT, "--model", "JackFram/llama-68m", "--target", "meta-llama/Llama-2-13b-hf", "--T", "0.6",
+         "--P", "0.9", "--start", "0", "--end", "200", "--Mode", "greedy", "--M", "1024", "--growmap",
+         "growmaps/68m_7b-64.pt", "--dataset", "cnn"],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=env)
+    lines = completed.stderr.strip().splitlines()
+    assert completed.returncode == 2 and len(lines) == 1, completed.stderr
+    assert "meta-llama/Llama-2-13b-hf" in lines[0] and "unreachable" in lines[0]
+
+
+def test_unreachable_hub_is_found_out_in_seconds(monkeypatch):
+    """Timed in this process after the imports, so a busy machine's start-up does not count (the libraries'
+    retries took 51 s)."""
+    import huggingface_hub  # noqa: F401
+    import transformers  # noqa: F401
+
+    from utils import hub
+    from utils.errors import UserError
+    from utils.models import load_tokenizer
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    for variable in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    began = time.monotonic()
+    with pytest.raises(UserError, match="unreachable"):
+        load_tokenizer("meta-llama/Llama-2-13b-hf")
+    assert time.monotonic() - began < 5.0

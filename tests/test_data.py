@@ -1,6 +1,7 @@
 """utils.data: the built-in prompt set, local file formats, slicing, truncation and error messages.
 
-No network: hub names are only exercised with `datasets` made unimportable.
+No network: hub names are exercised with the hub unreachable or `datasets.load_dataset` replaced for hub ids.
+(tests/test_data_formats.py: every format, multi-turn rows, pre-tokenized rows.)
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from utils import data
+from utils import data, hub
 from utils.data import BUILTIN_PATH, Prompt, load_prompts, load_texts
 from utils.errors import UserError
 
@@ -137,13 +138,13 @@ def test_json_list_and_wrapped_object(tmp_path):
 
 def test_json_without_rows_is_user_error(tmp_path):
     path = _write(tmp_path / "x.json", json.dumps({"items": []}))
-    with pytest.raises(UserError, match="'data' or 'rows'"):
+    with pytest.raises(UserError, match="no text field"):
         load_texts(path)
 
 
 def test_bad_jsonl_names_the_line(tmp_path):
     path = _write(tmp_path / "x.jsonl", '{"text": "ok"}\n{not json\n')
-    with pytest.raises(UserError, match=r"x\.jsonl:2"):
+    with pytest.raises(UserError, match=r"x\.jsonl .*row 1"):
         load_texts(path)
 
 
@@ -166,7 +167,7 @@ def test_txt_lines_when_no_blank_lines(tmp_path):
 def test_input_tokens_used_directly(tiny_tokenizer, tmp_path):
     lines = [{"input_tokens": [[5, 6, 7, 8, 9]]}, {"input_tokens": [10, 11, 12]}]
     path = _write(tmp_path / "t.jsonl", "\n".join(json.dumps(x) for x in lines))
-    prompts = load_prompts(path, tiny_tokenizer, 0, 2, prompt_len=4)
+    prompts = load_prompts(path, tiny_tokenizer, 0, 2, prompt_len=4, dataset_tokenizer=tiny_tokenizer)
     assert [p.ids for p in prompts] == [[5, 6, 7, 8], [10, 11, 12]]
     assert all(p.kind == data.TOKENS_KIND for p in prompts)
     with pytest.raises(UserError, match="pre-tokenized"):
@@ -185,26 +186,27 @@ def test_empty_prompt_names_the_row(tiny_tokenizer, tmp_path):
         load_prompts(path, tiny_tokenizer, 0, 2, prompt_len=8)
     path = _write(tmp_path / "t.jsonl", json.dumps({"input_tokens": []}) + "\n")
     with pytest.raises(UserError, match="row 0 is empty"):
-        load_prompts(path, tiny_tokenizer, 0, 1, prompt_len=8)
+        load_prompts(path, tiny_tokenizer, 0, 1, prompt_len=8, dataset_tokenizer=tiny_tokenizer)
 
 
 def test_unsupported_extension(tmp_path):
-    path = _write(tmp_path / "p.csv", "a,b\n")
+    path = _write(tmp_path / "p.xlsx", "a,b\n")
     with pytest.raises(UserError, match="unsupported file type"):
         load_texts(path)
 
 
 def test_save_to_disk_folder(tiny_tokenizer, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     folder = tmp_path / "saved"
     datasets.Dataset.from_dict({"article": ["the city", "the court", "the team"]}).save_to_disk(str(folder))
     prompts = load_prompts(str(folder), tiny_tokenizer, 1, 10, prompt_len=8)
     assert [(p.index, p.text) for p in prompts] == [(1, "the court"), (2, "the team")]
 
 
-def test_folder_without_datasets_is_user_error(tmp_path, monkeypatch):
+def test_without_datasets_the_error_says_it_is_a_requirement(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(UserError, match="datasets package"):
+    with pytest.raises(UserError, match="a requirement of this suite: pip install -r requirements.txt"):
         load_texts(str(tmp_path))
 
 
@@ -250,21 +252,24 @@ def test_unknown_dataset_lists_valid_names(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(data.HUB_DATASETS))
-def test_hub_name_without_datasets_fails_fast(name, monkeypatch):
-    monkeypatch.setitem(sys.modules, "datasets", None)
+def test_hub_name_with_the_hub_unreachable_fails_fast(name, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    for variable in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
     began = time.monotonic()
     with pytest.raises(UserError) as info:
         load_texts(name, 0, 4)
     assert time.monotonic() - began < 2.0
     message = str(info.value)
-    assert "--dataset builtin" in message and "save_to_disk" in message and "\n" not in message
+    assert "unreachable" in message and "--dataset builtin" in message and "save_to_disk" in message
+    assert "\n" not in message
 
 
 def test_hub_offline_mode_fails_fast(monkeypatch):
-    """With `datasets` present (faked) and HF_HUB_OFFLINE set, no network is attempted."""
-    fake = type(sys)("datasets")
-    fake.load_dataset = lambda *a, **k: pytest.fail("load_dataset must not be called offline")
-    monkeypatch.setitem(sys.modules, "datasets", fake)
+    """With HF_HUB_OFFLINE set, `datasets` is never asked for a hub dataset."""
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset must not be called"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="offline"):
         load_texts("cnn", 0, 4)
@@ -277,13 +282,14 @@ def test_default_kind_is_the_one_chat_rule():
     assert data.default_kind("article") == data.PLAIN_KIND
 
 
-def test_hub_rows_with_faked_datasets(monkeypatch):
+def test_hub_rows_with_faked_hub(monkeypatch):
     """mtbench keeps only the first turn and is chat; cnn reads `article` as news (no network: all faked)."""
+    import datasets
+
     tables = {"HuggingFaceH4/mt_bench_prompts": [{"prompt": ["turn one", "turn two"]}],
               "cnn_dailymail": [{"article": "a story", "highlights": "x"}] * 3}
-    fake = type(sys)("datasets")
-    fake.load_dataset = lambda path, config, split, streaming: tables[path]
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    monkeypatch.setattr(data, "_check_hub_reachable", lambda spec, name: None)
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda path, config, split, streaming: datasets.Dataset.from_list(tables[path]))
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
     assert load_texts("mtbench", 0, 5) == [("chat", "turn one")]
     assert load_texts("cnn", 1) == [("news", "a story")] * 2

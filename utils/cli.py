@@ -3,6 +3,7 @@ device/dtype resolution."""
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import torch
 from engine.growmap import GrowmapError
 from engine.verifiers import VERIFIERS
 from utils.config import DEFAULTS, DTYPES, MODES
+from utils.data import TURNS
 from utils.errors import UserError
 from utils.original_flags import add_original_flags, validate_original_flags
 
@@ -38,6 +40,17 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+def finite_float(text: str) -> float:
+    """argparse type for real-valued flags: nan and inf are refused at parse time (as one line, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def add_model_flags(parser: argparse.ArgumentParser, with_draft: bool = True) -> None:
     if with_draft:
         parser.add_argument("--model", default=DEFAULTS.model,
@@ -54,13 +67,19 @@ def add_model_flags(parser: argparse.ArgumentParser, with_draft: bool = True) ->
 
 
 def add_prompt_flags(parser: argparse.ArgumentParser) -> None:
-    """Which prompts: --dataset, --start, --end, --prompt-len, --seed (for tools that write no results folder)."""
+    """Which prompts: --dataset, --start, --end, --prompt-len, --seed, --dataset-tokenizer (for tools that write
+    no results folder)."""
     parser.add_argument("--dataset", default=DEFAULTS.dataset,
-                        help="builtin, cnn, openwebtext, c4, mtbench, or a .json/.jsonl/.txt file or save_to_disk folder")
+                        help="builtin, cnn, openwebtext, c4, mtbench, or a .json, .jsonl, .csv, .parquet, .txt or "
+                             ".arrow file or a save_to_disk folder")
     parser.add_argument("--start", type=int, default=DEFAULTS.start, help="first prompt index (inclusive)")
     parser.add_argument("--end", type=int, default=DEFAULTS.end, help="last prompt index (exclusive)")
     parser.add_argument("--prompt-len", type=int, default=DEFAULTS.prompt_len, help="prompt tokens kept per row")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed; prompt i uses seed + i")
+    parser.add_argument("--dataset-tokenizer", default=DEFAULTS.dataset_tokenizer,
+                        help="the tokenizer (hub id or folder) that made a dataset's pre-tokenized rows "
+                             "(input_tokens): they are decoded with it and re-encoded for the target, or used as "
+                             "they are when it is the target's (default: such rows are refused)")
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -75,8 +94,9 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--T", type=float, default=DEFAULTS.T, help="temperature; 0 = greedy (exact)")
-    parser.add_argument("--P", type=float, default=DEFAULTS.P, help="top-p nucleus mass in (0, 1], used when T > 0")
+    parser.add_argument("--T", type=finite_float, default=DEFAULTS.T, help="temperature; 0 = greedy (exact)")
+    parser.add_argument("--P", type=finite_float, default=DEFAULTS.P,
+                        help="top-p nucleus mass in (0, 1], used when T > 0")
     parser.add_argument("--M", type=int, default=DEFAULTS.M,
                         help="KV-cache slots: must hold prompt + new tokens + tree")
     parser.add_argument("--Mode", default=DEFAULTS.Mode, choices=MODES,
@@ -86,6 +106,10 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
                         help="verifier at T > 0: match = the original's sample-match rule, specinfer = multi-draft "
                              "speculative sampling with sampled children (both lossless); T = 0 always verifies greedily")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
+    parser.add_argument("--turns", default=DEFAULTS.turns, choices=TURNS,
+                        help="multi-turn rows (MT-bench's turns): first = the first user turn only; all = every turn, "
+                             "each asked with the model's own earlier answers in the chat history (each turn counts "
+                             "as one prompt in the figures)")
 
 
 def add_lookup_flags(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from engine.dynamic_drafter import ORIGINAL_DEPTH_DECAY
 from engine.growmap import load_growmap
+from utils.data import TURNS
 from utils.models import REPO_ROOT
 
 DEFAULT_GROWMAP = REPO_ROOT / "growmaps" / "smollm2-feature-cpu.pt"  # searched for the default pair on a 2-core CPU
@@ -73,6 +74,8 @@ class RunDefaults:
     augment: int = 4                    # augment: follower nodes added per step (counted in --M)
     augment_width: int = 2              # augment: followers per node, nodes in drafting order from the root
     kernel: str = "auto"                # linear-layer kernels: auto (calibrated per machine), plain, onednn
+    turns: str = TURNS[0]               # multi-turn rows: the first user turn, or all (answers in the history)
+    dataset_tokenizer: str | None = None  # tokenizer that made a dataset's pre-tokenized rows (input_tokens)
 
 
 DEFAULTS = RunDefaults()

@@ -1,27 +1,27 @@
-"""Prompt sets: the built-in set, local files, `save_to_disk` folders and a few hub datasets.
+"""Prompt sets: the suite's rules on top of the rows utils/data_sources.py reads through `datasets`.
 
 A `--dataset` value is resolved in this order:
   1. `builtin` (the default): prompts/builtin.jsonl, written for this suite, so benchmarks run offline;
-  2. a hub name from `HUB_DATASETS` (cnn, openwebtext, c4, mtbench), loaded through the optional
-     `datasets` package, imported only here and only when needed;
-  3. an existing path: .json, .jsonl, .txt, or a folder written by `datasets.save_to_disk`.
+  2. a hub name from `HUB_DATASETS` (cnn, openwebtext, c4, mtbench), when the hub is reachable;
+  3. an existing path: .json (a JSON array or JSON lines), .jsonl, .csv, .parquet, .txt, .arrow, or a folder
+     written by `datasets.save_to_disk`.
 A local file or folder that happens to share a hub name can still be used as ./NAME.
 
+The rules kept here: which field holds the text, chat or plain text, multi-turn rows (`turns`: the first user
+turn, or every turn with the model's own answers in between), pre-tokenized rows (`input_tokens`, used as ids
+only for the tokenizer that made them), the [start, end) slice and prompt truncation.
 Every failure a user can cause raises `UserError` with a one-line message (scripts exit with status 2).
 """
 from __future__ import annotations
 
-import importlib
-import json
-import os
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from utils.errors import UserError, first_line
+from utils.data_sources import HubDataset, Source, read_file, read_hub, read_saved_folder
+from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILTIN_NAME = "builtin"
@@ -30,15 +30,15 @@ BUILTIN_PATH = REPO_ROOT / "prompts" / "builtin.jsonl"
 CHAT_KIND = "chat"              # text that goes through the tokenizer's chat template
 PLAIN_KIND = "text"             # plain text from a file that does not say what it is
 PLAIN_CHAT_KIND = "chat-plain"  # a chat row used as plain text because the tokenizer has no template
-TOKENS_KIND = "tokens"          # a pre-tokenized row (`input_tokens`), used as ids directly
+TOKENS_KIND = "tokens"          # a pre-tokenized row (`input_tokens`) made with the target's own tokenizer
 
-# Text fields tried in this order; the first present in a row wins.
-TEXT_FIELDS = ("text", "article", "prompt", "instruction", "content")
+# Text fields tried in this order; the first present in a row wins. A list of strings is a conversation's user
+# turns (MT-bench's question.jsonl has `turns`; its hub copy calls them `prompt`).
+TEXT_FIELDS = ("text", "article", "prompt", "instruction", "content", "turns")
 # Fields that hold a request to a chat model rather than text to continue.
-CHAT_FIELDS = frozenset({"prompt", "instruction"})
+CHAT_FIELDS = frozenset({"prompt", "instruction", "turns"})
 TOKENS_FIELD = "input_tokens"
-LOCAL_HINT = "use --dataset builtin or a local .json/.jsonl/.txt file or a save_to_disk folder"
-HUB_PROBE_TIMEOUT_S = 5.0
+TURNS = ("first", "all")
 
 
 @dataclass(frozen=True)
@@ -46,25 +46,18 @@ class Prompt:
     """One tokenized prompt; `index` is its row in the dataset, so results can be traced back to it.
 
     kind "chat" means `text` was sent through the tokenizer's chat template with add_generation_prompt=True,
-    so `ids` end with the template's assistant header.
+    so `ids` end with the template's assistant header. A multi-turn row run with --turns all carries the user
+    turns still to ask (`later_turns`, each already cut to the prompt length) and, from its second turn on, the
+    conversation before this turn's text (`history`: (role, text) pairs); `next_turn` makes the next one.
     """
 
     index: int
     kind: str
     text: str
     ids: list[int]
-
-
-@dataclass(frozen=True)
-class HubDataset:
-    """Where a hub name points; large corpora are streamed so only the rows asked for are fetched."""
-
-    path: str
-    config: str | None
-    split: str
-    field: str
-    kind: str
-    streaming: bool = False
+    turn: int = 0
+    later_turns: tuple[str, ...] = ()
+    history: tuple[tuple[str, str], ...] = ()
 
 
 HUB_DATASETS: dict[str, HubDataset] = {
@@ -72,17 +65,22 @@ HUB_DATASETS: dict[str, HubDataset] = {
     # openwebtext's train split is ~40 GB: stream it instead of downloading it whole.
     "openwebtext": HubDataset("Skylion007/openwebtext", None, "train", "text", "web", streaming=True),
     "c4": HubDataset("allenai/c4", "en", "validation", "text", "web", streaming=True),
+    # MT-bench's 80 questions, two user turns each (the hub copy of question.jsonl, `turns` renamed `prompt`).
     "mtbench": HubDataset("HuggingFaceH4/mt_bench_prompts", None, "train", "prompt", CHAT_KIND),
 }
 
 
 @dataclass(frozen=True)
 class _Row:
-    """A dataset row before tokenization: text, or ids from a pre-tokenized file."""
+    """A dataset row before tokenization: its user turns (one for plain text), or ids of a pre-tokenized row."""
 
     kind: str
-    text: str
+    turns: tuple[str, ...]
     ids: tuple[int, ...] | None = None
+
+    @property
+    def text(self) -> str:
+        return self.turns[0] if self.turns else ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,7 +88,7 @@ class _Row:
 
 
 def default_kind(field: str) -> str:
-    """The kind of a row that does not name one: requests (prompt/instruction) are chat, the rest plain.
+    """The kind of a row that does not name one: requests (prompt/instruction/turns) are chat, the rest plain.
 
     This is the only place that decides whether an unlabelled row is a chat request.
     """
@@ -102,16 +100,16 @@ def is_chat(kind: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Rows from objects (json, jsonl, save_to_disk, hub)
+# Rows from objects (every format arrives as dicts from utils/data_sources.py)
 
 
-def _as_text(value: Any, where: str) -> str:
-    """A text field's value; a list of strings is a multi-turn conversation and its first turn is used."""
+def _as_turns(value: Any, where: str) -> tuple[str, ...]:
+    """A text field's value: a string, or a list of strings (a conversation's user turns)."""
+    if isinstance(value, str):
+        return (value,)
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return value[0]
-    if not isinstance(value, str):
-        raise UserError(f"{where}: the text field must be a string, got {type(value).__name__}")
-    return value
+        return tuple(value)
+    raise UserError(f"{where}: the text field must be a string or a list of strings, got {type(value).__name__}")
 
 
 def _as_ids(value: Any, where: str) -> tuple[int, ...]:
@@ -133,193 +131,55 @@ def _explicit_kind(obj: Mapping[str, Any], where: str) -> str | None:
 
 
 def _row_from_object(obj: Any, where: str, kind: str | None = None, field: str | None = None) -> _Row:
-    """One row from a json object (or a bare string); `kind`/`field` are forced by hub datasets."""
+    """One row from a dict (or a bare string); `kind`/`field` are forced by hub datasets."""
     if isinstance(obj, str):
-        return _Row(kind or PLAIN_KIND, obj)
+        return _Row(kind or PLAIN_KIND, (obj,))
     if not isinstance(obj, Mapping):
         raise UserError(f"{where}: expected an object with a text field, got {type(obj).__name__}")
-    if field is None and TOKENS_FIELD in obj and obj[TOKENS_FIELD] is not None:
-        ids = _as_ids(obj[TOKENS_FIELD], where)
-        text = obj.get("text") if isinstance(obj.get("text"), str) else ""
-        return _Row(_explicit_kind(obj, where) or TOKENS_KIND, text, ids)
+    if field is None and obj.get(TOKENS_FIELD) is not None:
+        return _Row(_explicit_kind(obj, where) or TOKENS_KIND, (), _as_ids(obj[TOKENS_FIELD], where))
     fields = (field,) if field is not None else TEXT_FIELDS
-    found = next((f for f in fields if f in obj and obj[f] is not None), None)
+    found = next((f for f in fields if obj.get(f) is not None), None)
     if found is None:
         raise UserError(f"{where}: no text field (tried {', '.join(fields)}) and no {TOKENS_FIELD}")
-    text = _as_text(obj[found], where)
-    return _Row(kind or _explicit_kind(obj, where) or default_kind(found), text)
+    return _Row(kind or _explicit_kind(obj, where) or default_kind(found), _as_turns(obj[found], where))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Local files
+class _Rows(Sequence):
+    """A `Source`'s rows seen as `_Row`s, converted only when read (a save_to_disk folder may be large)."""
 
-
-def _read_jsonl(path: Path) -> list[_Row]:
-    rows = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-        rows.append(_row_from_object(obj, f"{path}:{lineno}"))
-    return rows
-
-
-def _read_json(path: Path) -> list[_Row]:
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    if isinstance(data, Mapping):
-        key = next((k for k in ("data", "rows") if isinstance(data.get(k), list)), None)
-        if key is None:
-            raise UserError(f"{path}: expected a list of rows, or an object with a 'data' or 'rows' list")
-        data = data[key]
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a list of rows, got {type(data).__name__}")
-    return [_row_from_object(obj, f"{path} row {i}") for i, obj in enumerate(data)]
-
-
-def _read_txt(path: Path) -> list[_Row]:
-    """One prompt per paragraph (blocks separated by blank lines); a file with no blank line: one per line."""
-    lines = _read_text(path).strip().splitlines()
-    if any(not line.strip() for line in lines):
-        blocks, current = [], []
-        for line in lines + [""]:
-            if line.strip():
-                current.append(line.rstrip())
-            elif current:
-                blocks.append("\n".join(current))
-                current = []
-    else:
-        blocks = [line.rstrip() for line in lines]
-    return [_Row(PLAIN_KIND, block) for block in blocks]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from exc
-
-
-# ---------------------------------------------------------------------------------------------------------
-# `datasets`: save_to_disk folders and the hub
-
-
-def _import_datasets(what: str) -> Any:
-    """The optional `datasets` package, imported on first need so the suite runs without it."""
-    try:
-        return importlib.import_module("datasets")
-    except ImportError as exc:
-        raise UserError(f"{what} needs the datasets package (pip install datasets); "
-                        f"otherwise {LOCAL_HINT}") from exc
-
-
-class _HFTable(Sequence):
-    """A `datasets.Dataset` seen as a sequence of `_Row`s, converted only when read."""
-
-    def __init__(self, ds: Any, name: str, kind: str | None = None, field: str | None = None) -> None:
-        self.ds, self.name, self.kind, self.field = ds, name, kind, field
+    def __init__(self, source: Source) -> None:
+        self.source = source
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return len(self.source.rows)
 
     def __getitem__(self, i: int) -> _Row:  # type: ignore[override]
-        return _row_from_object(self.ds[i], f"{self.name} row {i}", self.kind, self.field)
-
-
-def _pick_split(ds: Any, name: str) -> Any:
-    """A DatasetDict's evaluation split if it has one (test, then validation), else train, else the first."""
-    if not hasattr(ds, "keys"):
-        return ds
-    splits = list(ds.keys())
-    if not splits:
-        raise UserError(f"{name} holds no splits")
-    for split in ("test", "validation", "train"):
-        if split in splits:
-            return ds[split]
-    return ds[splits[0]]
-
-
-def _read_saved_folder(path: Path) -> Sequence[_Row]:
-    datasets = _import_datasets(f"reading the folder {path}")
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise UserError(f"{path} is not a folder written by datasets' save_to_disk "
-                        f"({first_line(exc)})") from exc
-    return _HFTable(_pick_split(ds, str(path)), str(path))
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _check_hub_reachable(spec: HubDataset, name: str) -> None:
-    """Fail within seconds on an offline machine, instead of waiting on `datasets`' own retries."""
-    if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
-        raise UserError(f"dataset '{name}' is on the Hugging Face hub but offline mode is set; {LOCAL_HINT}")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    request = urllib.request.Request(f"{endpoint}/api/datasets/{spec.path}", method="HEAD")
-    try:
-        urllib.request.urlopen(request, timeout=HUB_PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return  # the hub answered; `datasets` reports what it thinks of the request
-    except (OSError, ValueError) as exc:
-        raise UserError(f"dataset '{name}' needs the Hugging Face hub, which is unreachable; {LOCAL_HINT}") from exc
-
-
-def _read_hub(name: str, end: int | None) -> Sequence[_Row]:
-    """Rows of a hub dataset; a streamed one yields only its first `end` rows (so `end` is required)."""
-    spec = HUB_DATASETS[name]
-    datasets = _import_datasets(f"dataset '{name}'")
-    if spec.streaming and end is None:
-        raise UserError(f"dataset '{name}' is streamed from the hub: give an end row")
-    _check_hub_reachable(spec, name)
-    try:
-        ds = datasets.load_dataset(spec.path, spec.config, split=spec.split, streaming=spec.streaming)
-        if spec.streaming:
-            objs = list(ds.take(end))
-            return [_row_from_object(obj, f"{name} row {i}", spec.kind, spec.field) for i, obj in enumerate(objs)]
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001  (datasets raises many types for hub and cache failures)
-        first = first_line(exc)
-        raise UserError(f"cannot load dataset '{name}' from the hub ({first}); {LOCAL_HINT}") from exc
-    return _HFTable(ds, name, spec.kind, spec.field)
+        return _row_from_object(self.source.rows[i], f"{self.source.name} row {i}", self.source.kind,
+                                self.source.field)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Resolution and slicing
-
-_READERS: dict[str, Callable[[Path], Sequence[_Row]]] = {
-    ".jsonl": _read_jsonl, ".json": _read_json, ".txt": _read_txt,
-}
 
 
 def _valid_names() -> str:
     return ", ".join([BUILTIN_NAME, *HUB_DATASETS])
 
 
-def _open_rows(dataset: str, end: int | None) -> Sequence[_Row]:
-    """All rows of `dataset` (for a streamed hub dataset, its first `end`), as a lazily converted sequence."""
+def _open_source(dataset: str, end: int | None) -> Source:
+    """The rows of `dataset` (for a file or a streamed hub dataset, only its first `end`)."""
     if dataset == BUILTIN_NAME:
         if not BUILTIN_PATH.is_file():
             raise UserError(f"the built-in prompt set {BUILTIN_PATH} is missing from this checkout")
-        return _read_jsonl(BUILTIN_PATH)
+        return read_file(BUILTIN_PATH, end)
     if dataset in HUB_DATASETS:
-        return _read_hub(dataset, end)
+        return read_hub(dataset, HUB_DATASETS[dataset], end)
     path = Path(dataset).expanduser()
     if path.is_dir():
-        return _read_saved_folder(path)
+        return read_saved_folder(path)
     if path.is_file():
-        reader = _READERS.get(path.suffix.lower())
-        if reader is None:
-            raise UserError(f"{dataset}: unsupported file type '{path.suffix}' (use .json, .jsonl or .txt)")
-        return reader(path)
+        return read_file(path, end)
     raise UserError(f"unknown dataset '{dataset}': not a file or folder, and not one of {_valid_names()}")
 
 
@@ -333,7 +193,7 @@ def _check_range(start: int, end: int | None) -> None:
 def _select_rows(dataset: str, start: int, end: int | None) -> list[tuple[int, _Row]]:
     """Rows [start, end) with their indices; `end` past the last row is clipped."""
     _check_range(start, end)
-    rows = _open_rows(dataset, end)
+    rows = _Rows(_open_source(dataset, end))
     if start >= len(rows):
         raise UserError(f"--start ({start}) is past the end of dataset '{dataset}', which has {len(rows)} rows")
     stop = len(rows) if end is None else min(end, len(rows))
@@ -341,7 +201,8 @@ def _select_rows(dataset: str, start: int, end: int | None) -> list[tuple[int, _
 
 
 def load_texts(dataset: str, start: int = 0, end: int | None = None) -> list[tuple[str, str]]:
-    """(kind, text) for rows [start, end) of `dataset`, untokenized: shared by prompts and draft pretraining."""
+    """(kind, text) for rows [start, end) of `dataset`, untokenized (a multi-turn row: its first user turn);
+    used by draft pretraining."""
     selected = _select_rows(dataset, start, end)
     for i, row in selected:
         if row.ids is not None:
@@ -369,8 +230,10 @@ def _has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _chat_ids(tokenizer: Any, text: str) -> list[int]:
-    messages = [{"role": "user", "content": text}]
+def _chat_ids(tokenizer: Any, text: str, history: tuple[tuple[str, str], ...] = ()) -> list[int]:
+    """The templated conversation `history` + this user turn, ending with the assistant header."""
+    messages = [{"role": role, "content": content} for role, content in history]
+    messages.append({"role": "user", "content": text})
     return _id_list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
 
@@ -413,10 +276,46 @@ def _truncated_chat(tokenizer: Any, text: str, prompt_len: int, where: str) -> t
                     f"(it alone takes about {overhead} tokens)")
 
 
-def _encode_row(tokenizer: Any, row: _Row, prompt_len: int, where: str) -> tuple[str, str, list[int]]:
-    """(kind, text, ids) for one row; a chat row without a template on the tokenizer becomes plain text."""
+# ---------------------------------------------------------------------------------------------------------
+# Pre-tokenized rows
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+    """True when two tokenizers map every token to the same id (ids made by one are valid for the other)."""
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def _pretokenized(row: _Row, tokenizer: Any, source: tuple[Any, bool] | None, prompt_len: int,
+                  where: str) -> tuple[str, str, list[int]]:
+    """(kind, text, ids) of an `input_tokens` row: the ids themselves when `source` (the tokenizer they were
+    made with, and whether it has the target's vocabulary) says they fit, else their decoded text re-encoded
+    with the target's tokenizer. A row whose tokenizer is not known stops the run: ids from another vocabulary
+    are valid-looking garbage."""
+    if source is None:
+        raise UserError(f"{where} holds pre-tokenized ids ({TOKENS_FIELD}) and nothing says which tokenizer made "
+                        "them: pass --dataset-tokenizer NAME_OR_PATH (that tokenizer; the target's own if it made "
+                        "them), or use a dataset with a text field")
+    made_with, fits = source
+    if any(i < 0 or i >= len(made_with) for i in row.ids):
+        raise UserError(f"{where}: {TOKENS_FIELD} holds ids outside the {len(made_with)}-token vocabulary of the "
+                        "--dataset-tokenizer: it is not the tokenizer that made them")
+    if fits:
+        ids = list(row.ids[:prompt_len])
+        return row.kind, tokenizer.decode(ids, skip_special_tokens=True), ids
+    text = made_with.decode(list(row.ids), skip_special_tokens=True)
+    return PLAIN_KIND, text, _text_ids(tokenizer, text, add_special_tokens=True)[:prompt_len]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rows to prompts
+
+
+def _encode_row(tokenizer: Any, row: _Row, prompt_len: int, where: str,
+                source: tuple[Any, bool] | None) -> tuple[str, str, list[int]]:
+    """(kind, text, ids) for one row's first turn; a chat row without a template on the tokenizer becomes
+    plain text."""
     if row.ids is not None:
-        return row.kind, row.text, list(row.ids[:prompt_len])
+        return _pretokenized(row, tokenizer, source, prompt_len, where)
     if is_chat(row.kind):
         if _has_chat_template(tokenizer):
             text, ids = _truncated_chat(tokenizer, row.text, prompt_len, where)
@@ -425,24 +324,67 @@ def _encode_row(tokenizer: Any, row: _Row, prompt_len: int, where: str) -> tuple
     return row.kind, row.text, _text_ids(tokenizer, row.text, add_special_tokens=True)[:prompt_len]
 
 
-def load_prompts(dataset: str, tokenizer: Any, start: int, end: int, prompt_len: int) -> list[Prompt]:
+def _later_turns(tokenizer: Any, row: _Row, kind: str, prompt_len: int, where: str) -> tuple[str, ...]:
+    """A multi-turn row's user turns after the first, each cut as a one-turn chat prompt of `prompt_len`."""
+    if len(row.turns) < 2:
+        return ()
+    if not is_chat(kind):
+        raise UserError(f"{where} has {len(row.turns)} turns but is not a chat row with a chat template on the "
+                        "tokenizer, which --turns all needs (use --turns first)")
+    return tuple(_truncated_chat(tokenizer, text, prompt_len, f"{where} turn {n}")[0]
+                 for n, text in enumerate(row.turns[1:], start=2))
+
+
+def next_turn(tokenizer: Any, prompt: Prompt, answer_ids: list[int]) -> Prompt | None:
+    """The next user turn of `prompt`'s conversation, with the model's own answer to this one (`answer_ids`,
+    as decoded text) in the chat history, as MT-bench runs its second turn; None after the last turn."""
+    if not prompt.later_turns:
+        return None
+    answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
+    history = (*prompt.history, ("user", prompt.text), ("assistant", answer))
+    text = prompt.later_turns[0]
+    return replace(prompt, text=text, ids=_chat_ids(tokenizer, text, history), turn=prompt.turn + 1,
+                   later_turns=prompt.later_turns[1:], history=history)
+
+
+def load_prompts(dataset: str, tokenizer: Any, start: int, end: int, prompt_len: int, turns: str = TURNS[0],
+                 dataset_tokenizer: Any = None) -> list[Prompt]:
     """Rows [start, end) of `dataset`, tokenized for `tokenizer`.
 
     Plain text keeps its first `prompt_len` tokens (the original project used the first 128 tokens of each
     article). Chat rows go through the chat template with add_generation_prompt=True; when too long, the
-    user text is shortened so the template's tail (the assistant header) survives. Pre-tokenized rows are
-    cut to `prompt_len`. A row that tokenizes to nothing is an error, not silently dropped, so row indices
-    in results always match the dataset.
+    user text is shortened so the template's tail (the assistant header) survives. A multi-turn row gives its
+    first user turn; with turns="all" the prompt also carries the later turns (see `next_turn`). Pre-tokenized
+    rows need `dataset_tokenizer` (the tokenizer that made them, loaded, or a name/path to load) and are cut to
+    `prompt_len`. A row that tokenizes to nothing is an error, not silently dropped, so row indices in results
+    always match the dataset.
     """
     if prompt_len <= 0:
         raise UserError(f"--prompt-len must be positive, got {prompt_len}")
+    if turns not in TURNS:
+        raise UserError(f"--turns must be one of {', '.join(TURNS)}, got {turns!r}")
     prompts = []
+    source = None  # (dataset tokenizer, whether it has the target's vocabulary), at the first pre-tokenized row
     for index, row in _select_rows(dataset, start, end):
         where = f"dataset '{dataset}' row {index}"
         if row.ids is None and not row.text.strip():
             raise UserError(f"{where} is empty")
-        kind, text, ids = _encode_row(tokenizer, row, prompt_len, where)
+        if row.ids is not None and source is None and dataset_tokenizer is not None:
+            from utils.models import load_tokenizer
+
+            made_with = load_tokenizer(dataset_tokenizer) if isinstance(dataset_tokenizer, str) else dataset_tokenizer
+            source = (made_with, same_vocabulary(made_with, tokenizer))
+        kind, text, ids = _encode_row(tokenizer, row, prompt_len, where, source)
         if not ids:
             raise UserError(f"{where} is empty after tokenization")
-        prompts.append(Prompt(index=index, kind=kind, text=text, ids=ids))
+        later = _later_turns(tokenizer, row, kind, prompt_len, where) if turns == "all" else ()
+        prompts.append(Prompt(index=index, kind=kind, text=text, ids=ids, later_turns=later))
     return prompts
+
+
+def prompts_from_args(args: argparse.Namespace, tokenizer: Any) -> list[Prompt]:
+    """load_prompts with a script's flags (--dataset, --start, --end, --prompt-len, and --turns and
+    --dataset-tokenizer where the script has them)."""
+    return load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len,
+                        turns=getattr(args, "turns", TURNS[0]),
+                        dataset_tokenizer=getattr(args, "dataset_tokenizer", None))

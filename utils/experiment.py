@@ -17,7 +17,7 @@ from engine.linear_paths import KernelPlan, apply_linear_path
 from engine.model import TreeModel
 from engine.prompt_lookup import with_prompt_lookup
 from engine.sampling import Sampling
-from utils.data import Prompt
+from utils.data import Prompt, next_turn
 from utils.errors import UserError
 from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, is_feature_draft, layer_placement,
                           load_draft_vocab, load_feature_net, load_hf_model, load_tokenizer, resolve_model_path)
@@ -132,6 +132,7 @@ class PromptRecord:
     prompt: Prompt
     result: DecodeResult
     baseline: DecodeResult | None = None
+    later_turns: list[PromptRecord] = field(default_factory=list)  # a conversation's later turns (--turns all)
 
 
 @dataclass
@@ -171,19 +172,35 @@ def run_prompts(pair: ModelPair, drafter: Drafter | None, prompts: list[Prompt],
         speculative(warm, WARMUP_TOKENS, False)
     if settings.mode != "greedy":
         baseline(warm, WARMUP_TOKENS)
+
+    def decode(prompt: Prompt) -> PromptRecord:
+        if settings.mode == "baseline":
+            return PromptRecord(prompt, baseline(prompt, settings.max_new_tokens))
+        if settings.mode == "greedy":
+            return PromptRecord(prompt, speculative(prompt, settings.max_new_tokens, False))
+        result = speculative(prompt, settings.max_new_tokens, True)
+        return PromptRecord(prompt, result, baseline(prompt, settings.max_new_tokens))
+
     records = []
     for prompt in tqdm(prompts, desc=settings.mode, unit="prompt", dynamic_ncols=True, disable=not progress):
-        if settings.mode == "baseline":
-            record = PromptRecord(prompt, baseline(prompt, settings.max_new_tokens))
-        elif settings.mode == "greedy":
-            record = PromptRecord(prompt, speculative(prompt, settings.max_new_tokens, False))
-        else:
-            result = speculative(prompt, settings.max_new_tokens, True)
-            record = PromptRecord(prompt, result, baseline(prompt, settings.max_new_tokens))
+        record = answer = decode(prompt)
+        # --turns all: each later turn is asked with the answers so far; the conversation is one record
+        while (turn := next_turn(pair.tokenizer, answer.prompt, answer.result.output_ids)) is not None:
+            fit_turn(pair.target, turn, settings.max_new_tokens, tree_size)
+            answer = decode(turn)
+            record.later_turns.append(answer)
         records.append(record)
         if on_record is not None:
             on_record(record)
     return records
+
+
+def fit_turn(target: TreeModel, prompt: Prompt, max_new_tokens: int, tree_size: int) -> None:
+    """A later turn's prompt (the conversation so far) still fits the KV cache."""
+    try:
+        check_capacity(target, len(prompt.ids), max_new_tokens, tree_size)
+    except ValueError as exc:
+        raise UserError(f"row {prompt.index} turn {prompt.turn + 1}: {exc}; raise --M") from exc
 
 
 RESULT_FIELDS = ("output_ids", "target_steps", "accepted_per_step", "seconds", "time_split")
@@ -193,7 +210,8 @@ BASELINE = "baseline_"  # prefix of the benchmark baseline's fields in a row
 def result_row(record: PromptRecord, tokenizer) -> dict:
     """The JSONL row of one prompt: what the streaming writer appends, what merges and resumes read back."""
     result = record.result
-    row = {"index": record.prompt.index, "kind": record.prompt.kind, "prompt_ids": record.prompt.ids,
+    row = {"index": record.prompt.index, "turn": record.prompt.turn, "kind": record.prompt.kind,
+           "prompt_ids": record.prompt.ids,
            "output_ids": result.output_ids,
            "output_text": tokenizer.decode(result.output_ids, skip_special_tokens=True),
            **{key: getattr(result, key) for key in RESULT_FIELDS[1:]}}
@@ -203,7 +221,14 @@ def result_row(record: PromptRecord, tokenizer) -> dict:
         row.update({BASELINE + key: getattr(record.baseline, key) for key in RESULT_FIELDS})
     if result.substitutions:  # only a lossy verifier substitutes
         row.update(substitutions=result.substitutions, after_substitution=result.after_substitution)
+    if record.later_turns:
+        row["later_turns"] = [result_row(turn, tokenizer) for turn in record.later_turns]
     return row
+
+
+def turn_rows(rows: list[dict]) -> list[dict]:
+    """Every turn's row: a conversation (--turns all) nests its later turns in its first turn's row."""
+    return [turn for row in rows for turn in (row, *row.get("later_turns", ()))]
 
 
 def result_of_row(row: dict, prefix: str = "") -> DecodeResult:
@@ -319,7 +344,7 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     """
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
     from utils.cli import resolve_dtype
-    from utils.data import load_prompts
+    from utils.data import prompts_from_args
     from utils.report import emit, format_summary, hardware, library_versions
 
     device = processes.device or args.device
@@ -343,7 +368,11 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     name = verifier if isinstance(verifier, str) else verifier.name
     quality = (quality or not lossless) and sampling.greedy and args.Mode != "baseline"
     tokenizer = load_tokenizer(args.target)
-    prompts = load_prompts(args.dataset, tokenizer, args.start, args.end, args.prompt_len)  # fail fast on bad data
+    prompts = prompts_from_args(args, tokenizer)  # fail fast on bad data
+    turns = 1 + max(len(p.later_turns) for p in prompts)
+    if turns > 1 and turns * (args.prompt_len + args.max_new_tokens) + tree_size > args.M:
+        raise UserError(f"--M {args.M} is too small for {turns}-turn conversations: each turn adds up to a prompt "
+                        f"({args.prompt_len}) and an answer ({args.max_new_tokens}) to the next turn's prompt")
     if kernels and processes.main:
         emit(kernels.line)
     plans = (kernels.target, kernels.draft) if kernels else None
@@ -363,9 +392,9 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
               "offloading": layer_placement(pair.target.hf_model), "kernels": kernels.record if kernels else None}
 
     def summary_of(rows: list[dict]) -> dict:
-        summary = {**header, **summarize([result_of_row(row) for row in rows])}
+        summary = {**header, **summarize([result_of_row(row) for row in turn_rows(rows)])}
         if args.Mode == "benchmark":
-            summary["baseline"] = summarize([result_of_row(row, BASELINE) for row in rows])
+            summary["baseline"] = summarize([result_of_row(row, BASELINE) for row in turn_rows(rows)])
             summary["speedup"] = summary["baseline"]["seconds_per_token"] / max(summary["seconds_per_token"], 1e-12)
         if not lossless:
             summary["substitutions"] = sum(row.get("substitutions", 0) for row in rows)

@@ -16,8 +16,12 @@ OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFL
 
 
 def offline_mode() -> bool:
-    """True when the user asked the Hugging Face libraries not to touch the network."""
-    return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for name in OFFLINE_VARIABLES)
+    """True when the user asked the Hugging Face libraries not to touch the network (the environment, or
+    huggingface_hub's own setting, which it reads from the environment once at import)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+                                           for name in OFFLINE_VARIABLES)
 
 
 def endpoint() -> str:

@@ -139,7 +139,8 @@ def load_tokenizer(spec: str | None):
     from transformers import AutoTokenizer
 
     folder = Path(spec).expanduser() if spec is not None else None
-    name = str(folder) if folder is not None and (folder / "tokenizer_config.json").is_file() else resolve_model_path(spec)
+    tokenizer_only = folder is not None and (folder / "tokenizer_config.json").is_file()
+    name = str(folder) if tokenizer_only else resolve_model_path(spec)
     return _from_hub_or_folder(AutoTokenizer.from_pretrained, name, "the tokenizer of ")
 
 

@@ -36,12 +36,14 @@ TOP_K_CHILDREN = "children are the draft's top-k; only --verify specinfer at --T
 def add_original_flags(parser: argparse.ArgumentParser) -> None:
     """--growmap --DP --B --W --D --decay --negative --static, each with its default in --help (--offloading is
     `utils.cli.add_offload_flags`)."""
+    from utils.cli import finite_float  # utils.cli imports this module at its top
+
     parser.add_argument("--growmap", default=DEFAULTS.growmap,
                         help="static tree shape (.pt growmap file); the dynamic tree's default --B and --D are its "
                              "size and depth. Not given, test_greedyS.py and the benchmark run the tree the "
                              "hardware-aware search picks from this machine's calibration profile (default pair on "
                              "CPU; utils/calibration)")
-    parser.add_argument("--DP", type=float, default=None,
+    parser.add_argument("--DP", type=finite_float, default=None,
                         help="draft top-p: nucleus mass of the draft distribution that children are sampled from "
                              "(--verify specinfer at --T > 0); >= 1 = no top-p on the draft, as the original's 1.1 "
                              "(default: --P)")
@@ -53,7 +55,7 @@ def add_original_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--D", type=int, default=None,
                         help=f"dynamic tree: depth limit, draft forwards per step (default: the --growmap's depth; "
                              f"{DEFAULTS.D} for the default growmap)")
-    parser.add_argument("--decay", type=float, default=None,
+    parser.add_argument("--decay", type=finite_float, default=None,
                         help=f"dynamic tree, --score original: each path node's logit is weighted 1 - decay * depth "
                              f"(default: {DEFAULTS.decay}, the value the original's score hard-codes)")
     parser.add_argument("--negative", action="store_true",

@@ -22,7 +22,8 @@ import torch
 from engine.growmap import Growmap
 from engine.verifiers import VERIFIERS
 from utils.bench.methods import METHODS, PROMPT_LOOKUP_TOKENS, BenchSetup, DynamicShape, Run
-from utils.cli import OneLineParser, add_data_flags, add_lookup_flags, add_model_flags, run_cli, validate_common
+from utils.cli import (OneLineParser, add_data_flags, add_lookup_flags, add_model_flags, finite_float, run_cli,
+                       validate_common)
 from utils.config import DEFAULTS
 from utils.data import Prompt
 from utils.errors import UserError
@@ -78,16 +79,21 @@ def first_divergence(reference: list[int], output: list[int]) -> int | None:
     return None if len(reference) == len(output) else min(len(reference), len(output))
 
 
-def top_two_gap(logits: torch.Tensor) -> float:
-    """logits: [V]. Difference between the two largest logits."""
-    top = logits.float().topk(2).values
-    return float(top[0] - top[1])
+def token_gap(logits: torch.Tensor, tokens: tuple[int | None, int | None]) -> float | None:
+    """logits: [V] at the first differing position. How far the method's token scores below generate's there:
+    the margin a divergence has to explain (a near-tie when tiny). None when one output had already ended.
+    (The gap between the two best logits, reported before, measures tokens that need not be the two diverging
+    ones: 0 for a tie between two others.)"""
+    generate_token, method_token = tokens
+    if generate_token is None or method_token is None:
+        return None
+    return float(logits[generate_token].float() - logits[method_token].float())
 
 
 def is_near_tie(logits: torch.Tensor, tokens: tuple[int | None, int | None], tolerance: float) -> bool:
-    """logits: [V] at the first differing position. A tie when the two best logits lie within `tolerance`
-    and both diverging tokens are among the best (each within `tolerance` of the maximum)."""
-    if None in tokens or top_two_gap(logits) > tolerance:
+    """logits: [V] at the first differing position. A tie when both diverging tokens are among the best: each
+    within `tolerance` of the maximum (so also within `tolerance` of each other)."""
+    if None in tokens:
         return False
     best = float(logits.max())
     return all(best - float(logits[token]) <= tolerance for token in tokens)
@@ -101,8 +107,21 @@ class Divergence:
     position: int
     generate_token: int | None
     method_token: int | None
-    top_two_gap: float
+    token_gap: float | None    # generate's token's logit minus the method's, in the teacher-forced check forward
+    check_top_token: int       # the check forward's own best token (not generate's: that forward rounds differently)
     tie: bool
+
+
+def describe_divergence(d: dict) -> str:
+    """One report line for a Divergence as stored in the summary (asdict)."""
+    kind = "near-tie (counted as a match)" if d["tie"] else "DIVERGENCE"
+    if d["token_gap"] is None:
+        detail = "one output ended there"
+    else:
+        detail = (f"in a teacher-forced check forward {d['method_token']} scores {d['token_gap']:.2e} below "
+                  f"{d['generate_token']} (that forward's top token: {d['check_top_token']})")
+    return (f"{kind}: {d['method']} prompt {d['prompt_index']} token {d['position']}: generate ({d['dtype']}) "
+            f"{d['generate_token']}, {d['method']} {d['method_token']}; {detail}")
 
 
 def find_divergences(method: str, dtype: str, prompt_ids: list[list[int]], prompt_indices: list[int],
@@ -117,8 +136,8 @@ def find_divergences(method: str, dtype: str, prompt_ids: list[list[int]], promp
             continue
         logits = next_logits(ids, ref.output_ids[:position])
         tokens = tuple(out[position] if position < len(out) else None for out in (ref.output_ids, run.output_ids))
-        found.append(Divergence(method, dtype, index, position, tokens[0], tokens[1], top_two_gap(logits),
-                                is_near_tie(logits, tokens, tolerance)))
+        found.append(Divergence(method, dtype, index, position, tokens[0], tokens[1], token_gap(logits, tokens),
+                                int(logits.argmax()), is_near_tie(logits, tokens, tolerance)))
     return found
 
 
@@ -217,8 +236,9 @@ def parse_args(argv: list[str] | None = None, add_flags: Callable | None = None)
                                   "the last output line is 'results: <path>'.")
     add_model_flags(parser)
     add_data_flags(parser)
-    parser.add_argument("--T", type=float, default=DEFAULTS.T, help="temperature; 0 = greedy (exact)")
-    parser.add_argument("--P", type=float, default=DEFAULTS.P, help="top-p nucleus mass in (0, 1], used when T > 0")
+    parser.add_argument("--T", type=finite_float, default=DEFAULTS.T, help="temperature; 0 = greedy (exact)")
+    parser.add_argument("--P", type=finite_float, default=DEFAULTS.P,
+                        help="top-p nucleus mass in (0, 1], used when T > 0")
     parser.add_argument("--verify", default=DEFAULTS.verify, choices=VERIFIERS[1:],
                         help="the suite's verifier at T > 0 (T = 0 always verifies greedily)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens, help="new tokens per prompt")
@@ -280,7 +300,7 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
     from utils.bench.methods import prepare_methods, run_alternating
     from utils.cli import quiet_transformers
-    from utils.data import load_prompts
+    from utils.data import prompts_from_args
     from utils.experiment import load_pair
     from utils.models import default_token_draft_for, load_hf_model
     from utils.report import emit, hardware, library_versions
@@ -305,7 +325,7 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
     max_len = args.prompt_len + args.max_new_tokens + max(growmap.size, dynamic.slots_bound()) + args.lookup + 1
     pair = load_pair(args.target, args.model, need_draft, dtype, args.device, max_len,
                      plans=(kernels.target, kernels.draft))
-    prompts = load_prompts(args.dataset, pair.tokenizer, args.start, args.end, args.prompt_len)
+    prompts = prompts_from_args(args, pair.tokenizer)
 
     assistant_draft = None
     if "assisted" in methods and (args.assistant or pair.draft.uses_target_features):
@@ -357,9 +377,7 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
     summary, _ = sweep(log, prompts, lambda prompt: prompt.index, work, summary_of)
     emit(format_table(summary["methods"]))
     for d in summary["divergences"]:
-        kind = "near-tie (counted as a match)" if d["tie"] else "DIVERGENCE"
-        emit(f"  {kind}: {d['method']} prompt {d['prompt_index']} token {d['position']}: generate ({d['dtype']}) "
-             f"{d['generate_token']}, {d['method']} {d['method_token']}, top-two logit gap {d['top_two_gap']:.2e}")
+        emit(f"  {describe_divergence(d)}")
     title = (f"{pair.target_name} / draft {pair.draft_name}, T={args.T}, {len(prompts)} prompts x "
              f"{args.max_new_tokens} tokens, {args.device}")
     chart = plot_speedups(summary["methods"], log.json_path.with_suffix(".png"), title)

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from engine.growmap import GrowmapError
 from engine.linear_paths import LINEAR_PATHS
-from utils.cli import OneLineParser, add_model_flags, add_offload_flags, add_prompt_flags
+from utils.cli import OneLineParser, add_model_flags, add_offload_flags, add_prompt_flags, finite_float
 from utils.errors import UserError
 from utils.growmap_tool.build import cmd_build
 from utils.growmap_tool.draw import cmd_inspect
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-depth", type=int, default=10,
                         help="at most this many levels, root included (tree depth <= MAX_DEPTH - 1); default 10")
     search.add_argument("--latency", metavar="LAT", help=LATENCY_HELP)
-    search.add_argument("--draft-ms", type=float, help="draft growth step time in ms (overrides the latency file)")
+    search.add_argument("--draft-ms", type=finite_float,
+                        help="draft growth step time in ms (overrides the latency file)")
     search.add_argument("-o", "--output", required=True, help="growmap to write (.pt); a .json record goes beside it")
 
     inspect = commands.add_parser("inspect", help="validate a growmap and describe it (text tree, optional PNG)")
@@ -89,8 +90,9 @@ def _add_acceptance_command(commands) -> None:
                     "'none accepted' dropped) and a .json record beside it; both feed search --acceptance as they are.")
     add_model_flags(sub)
     add_prompt_flags(sub)
-    sub.add_argument("--T", type=float, default=DEFAULTS.T, help="temperature; 0 = greedy")
-    sub.add_argument("--P", type=float, default=DEFAULTS.P, help="top-p nucleus mass in (0, 1], used when T > 0")
+    sub.add_argument("--T", type=finite_float, default=DEFAULTS.T, help="temperature; 0 = greedy")
+    sub.add_argument("--P", type=finite_float, default=DEFAULTS.P,
+                     help="top-p nucleus mass in (0, 1], used when T > 0")
     sub.add_argument("--width", type=int, default=32, help="children drafted per position (ranks measured); default 32")
     sub.add_argument("--steps-per-prompt", type=int, default=DEFAULTS.max_new_tokens,
                      help=f"continuation tokens (positions) per prompt; default {DEFAULTS.max_new_tokens}")

@@ -127,7 +127,7 @@ def cmd_acceptance(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from engine.acceptance import acceptance_vector, none_fraction
     from engine.decoder import check_capacity
     from engine.sampling import Sampling
-    from utils.data import load_prompts
+    from utils.data import prompts_from_args
     from utils.experiment import generator_for
 
     out = out_path(args.output)
@@ -137,7 +137,7 @@ def cmd_acceptance(args: argparse.Namespace, argv: Sequence[str]) -> None:
     pair, device, dtype = load_models(args, args.prompt_len + steps)
     if width > pair.target.vocab_size:
         raise UserError(f"--width {width} exceeds the vocabulary ({pair.target.vocab_size} tokens)")
-    prompts = load_prompts(args.dataset, pair.tokenizer, args.start, args.end, args.prompt_len)
+    prompts = prompts_from_args(args, pair.tokenizer)
     sampling = Sampling(args.T, args.P)
     counts = torch.zeros(width + 2, dtype=torch.long)
     root_counts = torch.zeros(width + 2, dtype=torch.long) if pair.draft.uses_target_features else None
