@@ -15,6 +15,7 @@ from engine.verifiers import VERIFIERS
 from utils.config import DEFAULTS, DTYPES, MODES
 from utils.data import TURNS
 from utils.errors import UserError
+from utils.run_log import check_writable
 from utils.original_flags import add_original_flags, validate_original_flags
 
 EXIT_BAD_INPUT = 2
@@ -178,6 +179,8 @@ def validate_common(args: argparse.Namespace) -> None:
     if hasattr(args, "DP"):
         validate_original_flags(args)
     args.device = resolve_device(args.device)
+    if getattr(args, "results_dir", None):
+        check_writable(args.results_dir)  # before any model loads, so a long run cannot fail at its end
 
 
 def resolve_device(name: str) -> str:
