@@ -117,3 +117,12 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.txt"
     path.write_text("\n".join(SENTENCES * 8) + "\n")
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change once set: reset it after each
+    test, so an in-process training run does not inherit another test's settings."""
+    yield
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
