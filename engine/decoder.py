@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from engine.drafters import append_tokens
+from engine.drafters import DraftPrefix, append_tokens
 from engine.model import TreeModel
 from engine.sampling import Sampling, probs_from_logits, sample
 from engine.tree import CandidateTree
@@ -25,7 +25,7 @@ class Drafter(Protocol):
     target_layers: tuple[int, ...] | None  # which of them (TreeModel.forward's hidden_layers; None = the final)
 
     def record_target_features(self, start_slot: int, features: torch.Tensor) -> None: ...
-    def reset(self) -> None: ...
+    def reset(self, prefix: DraftPrefix | None = None) -> None: ...
     def propose(self, committed: torch.Tensor, generator: torch.Generator) -> CandidateTree: ...
     def accept(self, path: list[int]) -> None: ...
 
@@ -84,20 +84,27 @@ def check_capacity(model: TreeModel, prompt_len: int, max_new_tokens: int, tree_
 
 def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[int], max_new_tokens: int,
                          eos_ids: set[int], sampling: Sampling, verifier: str | VerifierFn, generator: torch.Generator,
-                         timer: StepTimer | None = None, record_shapes: bool = False) -> DecodeResult:
+                         timer: StepTimer | None = None, record_shapes: bool = False,
+                         prompt_embeds: torch.Tensor | None = None,
+                         draft_prefix: DraftPrefix | None = None) -> DecodeResult:
     """Speculative decoding of one prompt: each target forward verifies a whole candidate tree.
 
     `verifier` is a name from engine.verifiers or a function; a function may overwrite accepted nodes' tokens
-    (`Verdict.substitutions`, lossy): the emitted tokens follow it, the KV caches keep what the tree ran."""
+    (`Verdict.substitutions`, lossy): the emitted tokens follow it, the KV caches keep what the tree ran.
+    prompt_embeds: [L, d] the target's first-layer inputs for the prompt, when they are not its token
+    embeddings (image features merged in, utils/llava/); the prompt's last token must be a text token, since
+    it is the first step's root. draft_prefix: the draft's own version of the prompt (engine/drafters.py).
+    """
     device = target.device
     timer = timer or StepTimer(device, enabled=False)
     started = time.perf_counter()
     committed = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    drafter.reset()
+    drafter.reset(draft_prefix)
     features = drafter.uses_target_features
     if len(prompt_ids) > 1:
         prefill = append_tokens(target, committed[:-1], 0, last_logits=False, return_hidden=features,
-                                hidden_layers=drafter.target_layers)
+                                hidden_layers=drafter.target_layers,
+                                inputs_embeds=None if prompt_embeds is None else prompt_embeds[:-1])
         if features:
             drafter.record_target_features(0, prefill[1])
     result = DecodeResult(output_ids=[], target_steps=0)
@@ -144,12 +151,14 @@ def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[i
 
 
 def autoregressive_generate(target: TreeModel, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int],
-                            sampling: Sampling, generator: torch.Generator) -> DecodeResult:
-    """The plain reference: one target forward per token on the same engine (kept for exactness tests)."""
+                            sampling: Sampling, generator: torch.Generator,
+                            prompt_embeds: torch.Tensor | None = None) -> DecodeResult:
+    """The plain reference: one target forward per token on the same engine (kept for exactness tests).
+    prompt_embeds: [L, d] the prompt's first-layer inputs, as in `speculative_generate`."""
     device = target.device
     started = time.perf_counter()
     committed = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    logits = append_tokens(target, committed, 0)
+    logits = append_tokens(target, committed, 0, inputs_embeds=prompt_embeds)
     result = DecodeResult(output_ids=[], target_steps=0)
     length = committed.shape[0]
     while len(result.output_ids) < max_new_tokens:

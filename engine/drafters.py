@@ -21,20 +21,21 @@ from engine.tree_mask import causal_mask, tree_attention_mask
 
 def append_tokens(model: TreeModel, token_ids: torch.Tensor, start: int, last_logits: bool = True,
                   prev_features: torch.Tensor | None = None, return_hidden: bool = False,
-                  hidden_layers: tuple[int, ...] | None = None
+                  hidden_layers: tuple[int, ...] | None = None, inputs_embeds: torch.Tensor | None = None
                   ) -> torch.Tensor | None | tuple[torch.Tensor | None, torch.Tensor]:
     """Append a causal chunk of committed tokens (token_ids: [c] long) at slots/positions [start, start + c)
     and return the last token's logits ([own vocab]) if asked; the prefill skips the LM head entirely.
 
     A feature draft reads `prev_features` [c, d]; with `return_hidden` the chunk's final hidden states [c, d]
     (or its `hidden_layers` side by side, see TreeModel.forward) come back too, as (logits or None, hidden).
+    `inputs_embeds` [c, d] replaces the chunk's token embeddings (a multimodal prefill).
     """
     count = token_ids.shape[0]
     slots = torch.arange(start, start + count, device=model.device)
     mask = causal_mask(count, start, model.device)
     rows = slots[-1:] - start if last_logits else slots[:0]
     out = model.forward(token_ids, slots, slots, mask, logits_rows=rows, return_hidden=return_hidden,
-                        prev_features=prev_features, hidden_layers=hidden_layers)
+                        prev_features=prev_features, hidden_layers=hidden_layers, inputs_embeds=inputs_embeds)
     logits, hidden = out if return_hidden else (out, None)
     last = logits[0] if last_logits else None
     return (last, hidden) if return_hidden else last
@@ -70,6 +71,20 @@ def teacher_forced_logits(model: TreeModel, token_ids: torch.Tensor, rows: torch
                          return_hidden=return_hidden, prev_features=prev_features, hidden_layers=hidden_layers)
 
 
+@dataclass(frozen=True)
+class DraftPrefix:
+    """What a draft reads in place of the target's prompt, when that differs: a vision-language draft's own
+    image prefix, or a text-only draft's prompt without the image placeholder (Gagrani et al. 2024,
+    arXiv 2404.08856). The draft's committed sequence is `ids` followed by the target's committed tokens
+    after its prompt, so the draft's slots are its own; trees are exchanged by node index, which needs no
+    slots. The prompt's last token (the first step's root) must be a text token, embedded as such.
+    """
+
+    target_len: int                         # tokens of the target's prompt this prefix stands for
+    ids: torch.Tensor                       # [p] long, the draft's prompt
+    embeds: torch.Tensor | None = None      # [p, d] the draft's first-layer inputs for it (image features merged)
+
+
 class DraftCache:
     """Which committed tokens the draft's cache holds, and which tree nodes it ran this step.
 
@@ -85,6 +100,7 @@ class DraftCache:
         self.draft = draft
         self.uses_features = draft.uses_target_features
         self.cached_len = 0
+        self.prefix: DraftPrefix | None = None
         self.root_slot = 0
         self.ran_nodes: set[int] = set()
         if self.uses_features:
@@ -94,8 +110,19 @@ class DraftCache:
             # this step's predicted feature of each node the draft ran (node 0: the root), read by its children
             self.node_features = torch.zeros(max_nodes, draft.hidden_size, dtype=draft.dtype, device=draft.device)
 
-    def reset(self) -> None:
+    def reset(self, prefix: DraftPrefix | None = None) -> None:
+        """Start a new prompt; `prefix`: the draft's own version of it (None: the target's tokens)."""
+        if prefix is not None and self.uses_features:
+            raise ValueError("a feature draft reads the target's own prompt and features: it takes no DraftPrefix")
         self.cached_len = 0
+        self.prefix = prefix
+
+    def draft_sequence(self, committed: torch.Tensor) -> torch.Tensor:
+        """committed: [L] long, the target's committed tokens -> the draft's: its prefix, then what follows
+        the target's prompt."""
+        if self.prefix is None:
+            return committed
+        return torch.cat([self.prefix.ids.to(committed.device), committed[self.prefix.target_len:]])
 
     def record_target_features(self, start_slot: int, features: torch.Tensor) -> None:
         """features: [n, d] the target's final hidden states at slots [start_slot, start_slot + n) (a draft of
@@ -106,6 +133,7 @@ class DraftCache:
     def catch_up(self, committed: torch.Tensor) -> torch.Tensor:
         """committed: [L] long, all committed tokens (the last one is this step's root).
         Runs the unseen ones and returns the root's next-token logits [draft vocab]."""
+        committed = self.draft_sequence(committed)
         length = committed.shape[0]
         if self.uses_features:  # slot p reads the target's feature of slot p - 1: feature_log row p
             logits, hidden = append_tokens(self.draft, committed[self.cached_len:], self.cached_len,
@@ -113,11 +141,20 @@ class DraftCache:
                                            return_hidden=True)
             self.node_features[0] = hidden[-1]
         else:
-            logits = append_tokens(self.draft, committed[self.cached_len:], self.cached_len)
+            logits = append_tokens(self.draft, committed[self.cached_len:], self.cached_len,
+                                   inputs_embeds=self._prefix_embeds(committed))
         self.cached_len = length
         self.root_slot = length - 1
         self.ran_nodes = {0}
         return logits
+
+    def _prefix_embeds(self, committed: torch.Tensor) -> torch.Tensor | None:
+        """First-layer inputs [c, d] of the catch-up chunk when it reaches into a prefix with embeddings."""
+        if self.prefix is None or self.prefix.embeds is None or self.cached_len >= self.prefix.ids.shape[0]:
+            return None
+        own = self.prefix.embeds[self.cached_len:].to(self.draft.device, self.draft.dtype)
+        rest = committed[self.cached_len + own.shape[0]:]
+        return torch.cat([own, self.draft.embed_inputs(rest, None)]) if rest.numel() else own
 
     def run_nodes(self, nodes: torch.Tensor, node_ids: list[int], tree_tokens: torch.Tensor, depth: torch.Tensor,
                   parents: torch.Tensor, ancestors: torch.Tensor, tree_size: int) -> torch.Tensor:
@@ -205,8 +242,8 @@ class StaticTreeDrafter:
         self.steps = [_GrowthStep.of(growmap, roots, branches, device)
                       for roots, branches in zip(growmap.roots, growmap.branches) if any(branches)]
 
-    def reset(self) -> None:
-        self.cache.reset()
+    def reset(self, prefix: DraftPrefix | None = None) -> None:
+        self.cache.reset(prefix)
 
     def record_target_features(self, start_slot: int, features: torch.Tensor) -> None:
         self.cache.record_target_features(start_slot, features)

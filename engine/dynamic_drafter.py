@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.drafters import DraftCache, draft_children
+from engine.drafters import DraftCache, DraftPrefix, draft_children
 from engine.model import TreeModel
 from engine.sampling import Sampling
 from engine.tree import CandidateTree
@@ -115,8 +115,8 @@ class DynamicTreeDrafter:
         """Cache slots a step writes from the root's slot on: B in the target, up to one per run node in the draft."""
         return max(budget, 1 + min(width, budget - 1) * (max_depth - 1))
 
-    def reset(self) -> None:
-        self.cache.reset()
+    def reset(self, prefix: DraftPrefix | None = None) -> None:
+        self.cache.reset(prefix)
 
     def record_target_features(self, start_slot: int, features: torch.Tensor) -> None:
         self.cache.record_target_features(start_slot, features)

@@ -29,10 +29,12 @@ class TreeModel:
 
     def __init__(self, hf_model: nn.Module, max_len: int, input_map: torch.Tensor | None = None,
                  output_ids: torch.Tensor | None = None) -> None:
-        body = hf_model.model
+        # a vision-language model (LLaVA) keeps its decoder in `model.language_model` and its own config in
+        # `text_config`; the engine runs only that language model (image inputs arrive as `inputs_embeds`)
+        body = getattr(hf_model.model, "language_model", hf_model.model)
         self.hf_model = hf_model
-        self._setup(hf_model.config, body.embed_tokens, list(body.layers), body.norm, hf_model.lm_head,
-                    body.rotary_emb, max_len, input_map, output_ids)
+        self._setup(hf_model.config.get_text_config(), body.embed_tokens, list(body.layers), body.norm,
+                    hf_model.lm_head, body.rotary_emb, max_len, input_map, output_ids)
 
     def _setup(self, config, embed: nn.Module, layers: list[nn.Module], norm: nn.Module, lm_head: nn.Linear,
                rotary: nn.Module, max_len: int, input_map: torch.Tensor | None,
@@ -83,7 +85,8 @@ class TreeModel:
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
                 attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None, return_hidden: bool = False,
                 prev_features: torch.Tensor | None = None,
-                hidden_layers: tuple[int, ...] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                hidden_layers: tuple[int, ...] | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run n new tokens and return their next-token logits.
 
         token_ids: [n] long target-vocabulary ids; positions: [n] long RoPE positions;
@@ -97,9 +100,12 @@ class TreeModel:
         state) the hidden states returned are those layers' side by side, [n, k * d]: what a fused-layer
         feature draft reads.
         A feature draft reads `prev_features` [n, d], the features of each token's previous position.
+        `inputs_embeds` [n, d], when given, replaces the embedding of token_ids as the first layer's input: a
+        multimodal prefill, whose image positions hold the vision tower's projected features (computed by
+        transformers, utils/llava/).
         """
-        hidden, kept = self.run_layers(self.embed_inputs(token_ids, prev_features), positions, kv_slots, attn_mask,
-                                       hidden_layers or ())
+        embedded = self.embed_inputs(token_ids, prev_features) if inputs_embeds is None else inputs_embeds
+        hidden, kept = self.run_layers(embedded.to(self.dtype), positions, kv_slots, attn_mask, hidden_layers or ())
         rows = hidden if logits_rows is None else hidden[logits_rows]
         logits = self.lm_head(rows).float()
         if not return_hidden:

@@ -10,9 +10,14 @@ copied token is not, so `PromptLookupDrafter` refuses a drafter that samples its
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from engine.tree import CandidateTree, append_nodes, children_of
+
+if TYPE_CHECKING:
+    from engine.drafters import DraftPrefix
 
 
 def lookup_continuation(context: torch.Tensor, max_ngram: int, max_tokens: int) -> list[int]:
@@ -83,9 +88,9 @@ class GraftedDrafter:
         self.target_layers = None if inner is None else inner.target_layers
         self.inner_size = 1  # size of the wrapped drafter's tree this step (grafted nodes come after it)
 
-    def reset(self) -> None:
+    def reset(self, prefix: DraftPrefix | None = None) -> None:
         if self.inner is not None:
-            self.inner.reset()
+            self.inner.reset(prefix)
 
     def record_target_features(self, start_slot: int, features: torch.Tensor) -> None:
         if self.inner is not None:
