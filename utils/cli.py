@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 
 from engine.growmap import GrowmapError
-from engine.verifiers import VERIFIERS
-from utils.config import DEFAULTS, DTYPES, MODES
+from engine.verifiers import SAMPLED_CHILDREN, VERIFIERS
+from utils.config import DEFAULTS, DTYPES, MODES, tree_limits
 from utils.data import TURNS
 from utils.errors import UserError
 from utils.run_log import check_writable
@@ -137,6 +137,41 @@ def add_offload_flags(parser: argparse.ArgumentParser) -> None:
                         help="with --offloading: folder for the weights offloaded to disk")
 
 
+def add_dynamic_tree_flags(parser: argparse.ArgumentParser) -> None:
+    """The dynamic tree's limits and score (test_greedyS_dy.py, and test_llava.py --dynamic)."""
+    from engine.dynamic_drafter import SCORES
+
+    parser.add_argument("--B", type=int, default=None,
+                        help=f"dynamic tree: node budget, root included (default: the --growmap's size; {DEFAULTS.B} "
+                             "for the default)")
+    parser.add_argument("--W", type=int, default=DEFAULTS.W,
+                        help="dynamic tree: children per expanded node, nodes expanded per level")
+    parser.add_argument("--D", type=int, default=None,
+                        help=f"dynamic tree: depth limit, draft forwards per step (default: the --growmap's depth; "
+                             f"{DEFAULTS.D} for the default)")
+    parser.add_argument("--score", default=DEFAULTS.score, choices=SCORES,
+                        help="dynamic tree: logprob = cumulative draft log-probability (EAGLE-2); original = the "
+                             "original's depth-weighted cumulative logit (not with --verify specinfer)")
+
+
+def validate_tree_flags(args: argparse.Namespace) -> None:
+    """Fill the dynamic tree's budget and depth from the --growmap when not given, and check them."""
+    from engine.dynamic_drafter import check_score
+
+    args.B, args.D = tree_limits(args.growmap, args.B, args.D)
+    if args.B < 2:
+        raise UserError(f"--B must be >= 2 (the root and one drafted node), got {args.B}")
+    if args.W < 1:
+        raise UserError(f"--W must be >= 1, got {args.W}")
+    if args.D < 1:
+        raise UserError(f"--D must be >= 1, got {args.D}")
+    verifier = "greedy" if args.T == 0 else args.verify
+    try:
+        check_score(args.score, SAMPLED_CHILDREN[verifier])
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
 def decoding_parser(doc: str, script: str, results_note: str = "") -> OneLineParser:
     """The parser every decoding script starts from: model, data and decoding flags and every flag of the original
     project (utils/original_flags.py), its docstring's first paragraph as description and where its results go
@@ -163,7 +198,7 @@ def validate_common(args: argparse.Namespace) -> None:
         raise UserError(f"--start must be >= 0, got {args.start}")
     if args.start >= args.end:
         raise UserError(f"--start ({args.start}) must be smaller than --end ({args.end})")
-    if args.prompt_len < 1:
+    if getattr(args, "prompt_len", 1) < 1:
         raise UserError(f"--prompt-len must be >= 1, got {args.prompt_len}")
     if getattr(args, "max_new_tokens", 1) < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class Prompt:
     turn: int = 0
     later_turns: tuple[str, ...] = ()
     history: tuple[tuple[str, str], ...] = ()
+    image: str | None = None      # an image prompt's file (utils/llava/): `ids` hold its expanded placeholder
+    pixel_values: Any = field(default=None, compare=False, repr=False)  # the image processor's output for it
 
 
 HUB_DATASETS: dict[str, HubDataset] = {

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from engine.decoder import (DecodeResult, Drafter, StepTimer, VerifierFn, autoregressive_generate, check_capacity,
                             speculative_generate)
-from engine.drafters import teacher_forced_logits
+from engine.drafters import DraftPrefix, teacher_forced_logits
 from engine.growmap import Growmap, load_growmap
 from engine.linear_paths import KernelPlan, apply_linear_path
 from engine.model import TreeModel
@@ -21,6 +21,7 @@ from utils.data import Prompt, next_turn
 from utils.errors import UserError
 from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, is_feature_draft, layer_placement,
                           load_draft_vocab, load_feature_net, load_hf_model, load_tokenizer, resolve_model_path)
+from utils.report import wall_clock
 from utils.run_log import SINGLE, Processes, open_run, sweep
 
 
@@ -133,6 +134,22 @@ class PromptRecord:
     result: DecodeResult
     baseline: DecodeResult | None = None
     later_turns: list[PromptRecord] = field(default_factory=list)  # a conversation's later turns (--turns all)
+    references: dict[str, DecodeResult] = field(default_factory=dict)  # benchmark mode: other methods' runs
+
+
+@dataclass
+class PromptInputs:
+    """What a prompt needs beyond its token ids (an image prompt, utils/llava/): the target's first-layer
+    inputs [L, d] and the draft's own version of the prompt."""
+
+    prompt_embeds: torch.Tensor | None = None
+    draft_prefix: DraftPrefix | None = None
+
+
+# (prompt, with_draft) -> its inputs; runs inside each timed call, so encoding the image is part of its time
+Prepare = Callable[[Prompt, bool], PromptInputs]
+# (prompt, max_new_tokens) -> a run of another method, timed alongside in benchmark mode (e.g. transformers')
+Reference = Callable[[Prompt, int], DecodeResult]
 
 
 @dataclass
@@ -144,6 +161,8 @@ class RunSettings:
     seed: int
     record_shapes: bool = False
     extra: dict = field(default_factory=dict)
+    prepare: Prepare | None = None
+    references: dict[str, Reference] = field(default_factory=dict)
 
 
 def run_prompts(pair: ModelPair, drafter: Drafter | None, prompts: list[Prompt], settings: RunSettings,
@@ -156,22 +175,43 @@ def run_prompts(pair: ModelPair, drafter: Drafter | None, prompts: list[Prompt],
     if not prompts:
         return []
     device = str(pair.target.device)
+    references = settings.references if settings.mode == "benchmark" else {}
+
+    def prepared(prompt: Prompt, with_draft: bool) -> tuple[PromptInputs, float]:
+        if settings.prepare is None:
+            return PromptInputs(), 0.0
+        with wall_clock(device) as elapsed:
+            inputs = settings.prepare(prompt, with_draft)
+        return inputs, elapsed[0]
+
+    def counted(result: DecodeResult, input_seconds: float) -> DecodeResult:
+        result.seconds += input_seconds
+        if result.time_split and input_seconds:
+            result.time_split["input_encoding"] = input_seconds
+        return result
 
     def speculative(prompt: Prompt, budget: int, timed: bool) -> DecodeResult:
         timer = StepTimer(device, enabled=timed)
-        return speculative_generate(pair.target, drafter, prompt.ids, budget, pair.eos_ids, settings.sampling,
-                                    settings.verifier, generator_for(device, settings.seed + prompt.index),
-                                    timer=timer, record_shapes=settings.record_shapes)
+        inputs, input_seconds = prepared(prompt, True)
+        return counted(speculative_generate(pair.target, drafter, prompt.ids, budget, pair.eos_ids, settings.sampling,
+                                            settings.verifier, generator_for(device, settings.seed + prompt.index),
+                                            timer=timer, record_shapes=settings.record_shapes,
+                                            prompt_embeds=inputs.prompt_embeds, draft_prefix=inputs.draft_prefix),
+                       input_seconds)
 
     def baseline(prompt: Prompt, budget: int) -> DecodeResult:
-        return autoregressive_generate(pair.target, prompt.ids, budget, pair.eos_ids, settings.sampling,
-                                       generator_for(device, settings.seed + prompt.index))
+        inputs, input_seconds = prepared(prompt, False)
+        return counted(autoregressive_generate(pair.target, prompt.ids, budget, pair.eos_ids, settings.sampling,
+                                               generator_for(device, settings.seed + prompt.index),
+                                               prompt_embeds=inputs.prompt_embeds), input_seconds)
 
     warm = prompts[0]
     if settings.mode != "baseline":
         speculative(warm, WARMUP_TOKENS, False)
     if settings.mode != "greedy":
         baseline(warm, WARMUP_TOKENS)
+    for reference in references.values():
+        reference(warm, WARMUP_TOKENS)
 
     def decode(prompt: Prompt) -> PromptRecord:
         if settings.mode == "baseline":
@@ -179,7 +219,8 @@ def run_prompts(pair: ModelPair, drafter: Drafter | None, prompts: list[Prompt],
         if settings.mode == "greedy":
             return PromptRecord(prompt, speculative(prompt, settings.max_new_tokens, False))
         result = speculative(prompt, settings.max_new_tokens, True)
-        return PromptRecord(prompt, result, baseline(prompt, settings.max_new_tokens))
+        others = {name: run(prompt, settings.max_new_tokens) for name, run in references.items()}
+        return PromptRecord(prompt, result, baseline(prompt, settings.max_new_tokens), others)
 
     records = []
     for prompt in tqdm(prompts, desc=settings.mode, unit="prompt", dynamic_ncols=True, disable=not progress):
@@ -221,6 +262,10 @@ def result_row(record: PromptRecord, tokenizer) -> dict:
         row.update({BASELINE + key: getattr(record.baseline, key) for key in RESULT_FIELDS})
     if result.substitutions:  # only a lossy verifier substitutes
         row.update(substitutions=result.substitutions, after_substitution=result.after_substitution)
+    for name, run in record.references.items():
+        row.update({reference_prefix(name) + key: getattr(run, key) for key in RESULT_FIELDS})
+    if record.prompt.image is not None:
+        row["image"] = record.prompt.image
     if record.later_turns:
         row["later_turns"] = [result_row(turn, tokenizer) for turn in record.later_turns]
     return row
@@ -229,6 +274,11 @@ def result_row(record: PromptRecord, tokenizer) -> dict:
 def turn_rows(rows: list[dict]) -> list[dict]:
     """Every turn's row: a conversation (--turns all) nests its later turns in its first turn's row."""
     return [turn for row in rows for turn in (row, *row.get("later_turns", ()))]
+
+
+def reference_prefix(name: str) -> str:
+    """Prefix of a benchmark reference's fields in a row ("transformers generate" -> "transformers_generate_")."""
+    return name.replace(" ", "_") + "_"
 
 
 def result_of_row(row: dict, prefix: str = "") -> DecodeResult:
@@ -326,10 +376,43 @@ def describe_args(args: argparse.Namespace) -> dict:
     return {key: value for key, value in vars(args).items()}
 
 
+@dataclass
+class Workload:
+    """The models and prompts a decoding script runs, and what image prompts add (utils/llava/)."""
+
+    pair: ModelPair
+    prompts: list[Prompt]
+    prepare: Prepare | None = None
+    references: dict[str, Reference] = field(default_factory=dict)  # timed alongside in benchmark mode
+    meta: dict = field(default_factory=dict)                         # added to the result JSON
+
+
+def check_kv_slots(args: argparse.Namespace, prompt_len: int, tree_size: int) -> None:
+    """--M must hold the longest prompt, the new tokens and one step's tree."""
+    needed = prompt_len + args.max_new_tokens + tree_size
+    if needed > args.M:
+        raise UserError(f"--M {args.M} is too small: prompt ({prompt_len}) + new tokens ({args.max_new_tokens}) "
+                        f"+ tree ({tree_size}) need {needed} KV slots")
+
+
+def reference_summaries(rows: list[dict], names: list[str]) -> dict:
+    """Per benchmark reference: its figures, speculative decoding's speedup over it, and on how many prompts
+    the two outputs are the same."""
+    spec = summarize([result_of_row(row) for row in rows])
+    summaries = {}
+    for name in names:
+        figures = summarize([result_of_row(row, reference_prefix(name)) for row in rows])
+        same = sum(row["output_ids"] == row[reference_prefix(name) + "output_ids"] for row in rows)
+        summaries[name] = {**figures, "speedup": figures["seconds_per_token"] / max(spec["seconds_per_token"], 1e-12),
+                           "same_output_prompts": same}
+    return summaries
+
+
 def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int, meta: dict,
             processes: Processes = SINGLE, load_target: Callable | None = None, verifier_override=None,
             quality: bool = False, references: dict[int, list[int]] | None = None,
-            kernels: KernelChoice | None = None) -> dict | None:
+            kernels: KernelChoice | None = None,
+            load: Callable[[argparse.Namespace, torch.dtype, int], Workload] | None = None) -> dict | None:
     """The body every decoding script shares: models, prompts, run, summary, result files; returns the summary
     (in the main process).
 
@@ -341,6 +424,8 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     T = 0 only) compares every output with the target's own greedy output, which `references` (prompt index ->
     output ids) caches across runs on the same prompts. `kernels` (utils/calibration/) sets each model's dtype
     and kernels, else both run in --dtype with plain kernels.
+    `load(args, dtype, tree_size)` replaces the text prompts and pair with another workload (test_llava.py's
+    image prompts; it checks --M itself).
     """
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
     from utils.cli import resolve_dtype
@@ -351,10 +436,8 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     dtype = kernels.target.dtype if kernels else resolve_dtype(args.dtype, device)
     lookup = getattr(args, "lookup", 0) if args.Mode != "baseline" else 0
     tree_size += lookup
-    needed = args.prompt_len + args.max_new_tokens + tree_size
-    if needed > args.M:
-        raise UserError(f"--M {args.M} is too small: prompt ({args.prompt_len}) + new tokens ({args.max_new_tokens}) "
-                        f"+ tree ({tree_size}) need {needed} KV slots")
+    if load is None:
+        check_kv_slots(args, args.prompt_len, tree_size)
     flags = describe_args(args)
     log = processes.share(open_run(args.results_dir, args.resume, script, flags) if processes.main else None)
     sampling = Sampling(args.T, args.P)
@@ -367,21 +450,26 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
         verifier, lossless = verifier_override, verifier_override.lossless
     name = verifier if isinstance(verifier, str) else verifier.name
     quality = (quality or not lossless) and sampling.greedy and args.Mode != "baseline"
-    tokenizer = load_tokenizer(args.target)
-    prompts = prompts_from_args(args, tokenizer)  # fail fast on bad data
-    turns = 1 + max(len(p.later_turns) for p in prompts)
-    if turns > 1 and turns * (args.prompt_len + args.max_new_tokens) + tree_size > args.M:
-        raise UserError(f"--M {args.M} is too small for {turns}-turn conversations: each turn adds up to a prompt "
-                        f"({args.prompt_len}) and an answer ({args.max_new_tokens}) to the next turn's prompt")
     if kernels and processes.main:
         emit(kernels.line)
     plans = (kernels.target, kernels.draft) if kernels else None
-    pair = load_pair(args.target, args.model, args.Mode != "baseline", dtype, device, args.M, tokenizer, load_target,
-                     plans)
+    if load is None:
+        tokenizer = load_tokenizer(args.target)
+        prompts = prompts_from_args(args, tokenizer)  # fail fast on bad data
+        turns = 1 + max(len(p.later_turns) for p in prompts)
+        if turns > 1 and turns * (args.prompt_len + args.max_new_tokens) + tree_size > args.M:
+            raise UserError(f"--M {args.M} is too small for {turns}-turn conversations: each turn adds up to a "
+                            f"prompt ({args.prompt_len}) and an answer ({args.max_new_tokens}) to the next turn's prompt")
+        workload = Workload(load_pair(args.target, args.model, args.Mode != "baseline", dtype, device, args.M,
+                                      tokenizer, load_target, plans), prompts)
+    else:
+        workload = load(args, dtype, tree_size)
+    pair, tokenizer, prompts = workload.pair, workload.pair.tokenizer, workload.prompts
     drafter = None if args.Mode == "baseline" else make_drafter(pair, sampling, sample_children)
     drafter = with_prompt_lookup(drafter, lookup, args.lookup_ngram)
     settings = RunSettings(args.Mode, sampling, verifier, args.max_new_tokens, args.seed,
-                           record_shapes=getattr(args, "record_shapes", False))
+                           record_shapes=getattr(args, "record_shapes", False), prepare=workload.prepare,
+                           references=workload.references)
     header = {"script": script, "flags": flags, "target": pair.target_name, "draft": pair.draft_name,
               "dtype": str(dtype).removeprefix("torch."), "device": args.device, "versions": library_versions(),
               "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],
@@ -389,13 +477,16 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
               "lossless": lossless, **meta,
               "prompt_lookup": {"max_tokens": lookup, "max_ngram": getattr(args, "lookup_ngram", None)},
               "processes": {"count": processes.world, "devices": processes.gather([device])},
-              "offloading": layer_placement(pair.target.hf_model), "kernels": kernels.record if kernels else None}
+              "offloading": layer_placement(pair.target.hf_model), "kernels": kernels.record if kernels else None,
+              **workload.meta}
 
     def summary_of(rows: list[dict]) -> dict:
         summary = {**header, **summarize([result_of_row(row) for row in turn_rows(rows)])}
         if args.Mode == "benchmark":
             summary["baseline"] = summarize([result_of_row(row, BASELINE) for row in turn_rows(rows)])
             summary["speedup"] = summary["baseline"]["seconds_per_token"] / max(summary["seconds_per_token"], 1e-12)
+            if workload.references:
+                summary["references"] = reference_summaries(rows, list(workload.references))
         if not lossless:
             summary["substitutions"] = sum(row.get("substitutions", 0) for row in rows)
             summary["after_substitution"] = sum(row.get("after_substitution", 0) for row in rows)
@@ -428,6 +519,10 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     if args.Mode == "benchmark":
         emit(format_summary("autoregressive baseline (same prompts, alternating)", summary["baseline"]))
         emit(f"  speedup                 {summary['speedup']:.2f}x")
+        for name, figures in summary.get("references", {}).items():
+            emit(format_summary(f"{name} (same prompts, alternating)", figures))
+            emit(f"  speedup                 {figures['speedup']:.2f}x (speculative decoding vs {name})")
+            emit(f"  same output             {figures['same_output_prompts']} of {figures['prompts']} prompts")
     if summary["offloading"] and summary["target_steps"]:
         places = ", ".join(f"{count} on {place}" for place, count in summary["offloading"].items())
         verify_ms = 1000 * summary["time_split"].get("verification", 0.0) / summary["target_steps"]

@@ -265,9 +265,10 @@ def load_feature_net(folder: str | Path, target_hf,
     if vocab is not None and vocab.target_vocab_size != target_vocab:
         raise UserError(f"feature draft {folder} was trained for a vocabulary of {vocab.target_vocab_size} tokens "
                         f"but the target has {target_vocab}: it must be used with the target it was trained on")
-    if target_hf.config.hidden_size != config.hidden_size:
+    target_hidden = target_hf.config.get_text_config().hidden_size  # a LLaVA target: its language model's
+    if target_hidden != config.hidden_size:
         raise UserError(f"feature draft {folder} reads features of size {config.hidden_size} but the target's "
-                        f"hidden size is {target_hf.config.hidden_size}: use it with the target it was trained on")
+                        f"hidden size is {target_hidden}: use it with the target it was trained on")
     net = FeatureDraftNet(config, target_hf.get_input_embeddings().weight, head_weight(target_hf, head_ids))
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = net.load_state_dict(state, strict=False)

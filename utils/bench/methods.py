@@ -163,10 +163,12 @@ def hf_runner(target_hf: nn.Module, sampling: Sampling, eos_ids: set[int], seed:
 
     def run(prompt: Prompt, max_new_tokens: int) -> Run:
         ids = torch.tensor([prompt.ids], device=device)
+        # an image prompt (utils/llava/): the model's own image path runs inside the timed call
+        images = {} if prompt.pixel_values is None else {"pixel_values": prompt.pixel_values.to(device, target_hf.dtype)}
         torch.manual_seed(seed + prompt.index)
         with _count_calls(target_hf) as calls, wall_clock(device) as elapsed:
             out = target_hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                     **flags)
+                                     **images, **flags)
         return Run(out[0, ids.shape[1]:].tolist(), elapsed[0], calls[0])
 
     return run

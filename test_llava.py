@@ -1,0 +1,79 @@
+"""Tree speculative decoding for LLaVA: image + text prompts, lossless. The target is any transformers LLaVA
+(LlavaForConditionalGeneration + AutoProcessor); transformers' own image path builds the prefill's input
+embeddings and the language model decodes on the suite's engine, static growmap trees or (--dynamic) the
+dynamic tree of test_greedyS_dy.py. The draft is a LLaVA (its own vision tower and image prefix), a text-only
+Llama-family LM with the target's tokenizer (its prefix is the prompt without the image), or the target's
+feature draft. --Mode benchmark also times the target alone and transformers' generate / assisted generation.
+
+With no --target it runs offline on a LLaVA built here from the embedded SmolLM2-135M-Instruct with a small,
+random vision tower (untrained vision tower: the image content is ignored) on a few generated images.
+
+Example (the original's pair, hub ids):
+  python test_llava.py --target llava-hf/llava-1.5-7b-hf --model anthonycmu/llava-1.5-160m \\
+      --image-dir ./coco/test2015 --start 0 --end 200 --T 0 --M 1024 --growmap ./growmaps/68m_7b-64.pt
+"""
+from __future__ import annotations
+
+from engine.drafters import StaticTreeDrafter
+from engine.dynamic_drafter import DynamicTreeDrafter
+from engine.growmap import load_growmap
+from utils.cli import (OneLineParser, add_decoding_flags, add_dynamic_tree_flags, add_lookup_flags, add_model_flags,
+                       run_cli, validate_common, validate_tree_flags)
+from utils.config import DEFAULTS
+from utils.experiment import execute
+from utils.llava.prefill import load_llava_workload
+
+
+def parser() -> OneLineParser:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           epilog="Results: <results-dir>/test_llava-<time>.json (+ .jsonl per prompt, with its image); "
+                                  "the last output line is 'results: <path>'.")
+    add_model_flags(parser)
+    parser.add_argument("--image-dir", default=None,
+                        help="folder of images, each decoded with --prompt (every non-hidden file, sorted); with "
+                             "--dataset, where its image paths resolve (default: generated images)")
+    parser.add_argument("--dataset", default=None,
+                        help="a .json/.jsonl file of {image, prompt} rows or LLaVA-Instruct rows {id, image, "
+                             "conversations} (e.g. the original's instruct150k_subset.json)")
+    parser.add_argument("--prompt", default=DEFAULTS.llava_prompt,
+                        help="prompt for --image-dir images; must hold the processor's image placeholder")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="skip (and report) images that are missing or unreadable instead of stopping")
+    parser.add_argument("--start", type=int, default=DEFAULTS.start, help="first image/row index (inclusive)")
+    parser.add_argument("--end", type=int, default=DEFAULTS.llava_end, help="last image/row index (exclusive)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed; prompt i uses seed + i")
+    parser.add_argument("--results-dir", default=DEFAULTS.results_dir, help="where result files are written")
+    add_decoding_flags(parser)
+    parser.set_defaults(max_new_tokens=DEFAULTS.llava_max_new_tokens)
+    add_lookup_flags(parser)
+    parser.add_argument("--growmap", default=DEFAULTS.growmap,
+                        help="static tree shape (.pt growmap); with --dynamic it only sets the default --B and --D")
+    parser.add_argument("--dynamic", action="store_true", help="grow a dynamic tree each step (test_greedyS_dy.py)")
+    add_dynamic_tree_flags(parser)
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
+    validate_common(args)
+    if args.dynamic:
+        validate_tree_flags(args)
+        args.record_shapes = True
+        meta = {"dynamic_tree": {"budget": args.B, "width": args.W, "max_depth": args.D, "score": args.score}}
+        size = DynamicTreeDrafter.slots_for(args.B, args.W, args.D)
+
+        def make_drafter(pair, sampling, sample_children):
+            return DynamicTreeDrafter(pair.draft, sampling, sample_children, args.B, args.W, args.D, args.score)
+    else:
+        growmap = load_growmap(args.growmap)
+        meta = {"growmap": {"path": args.growmap, "size": growmap.size, "depth": growmap.max_depth,
+                            "nodes_per_depth": growmap.nodes_per_depth()}}
+        size = growmap.size
+
+        def make_drafter(pair, sampling, sample_children):
+            return StaticTreeDrafter(pair.draft, growmap, sampling, sample_children)
+    execute(args, "test_llava", make_drafter, size, meta, load=load_llava_workload)
+
+
+if __name__ == "__main__":
+    run_cli(main)
