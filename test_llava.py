@@ -14,14 +14,18 @@ Example (the original's pair, hub ids):
 """
 from __future__ import annotations
 
+from functools import partial
+
 from engine.drafters import StaticTreeDrafter
 from engine.dynamic_drafter import DynamicTreeDrafter
 from engine.growmap import load_growmap
 from utils.cli import (OneLineParser, add_decoding_flags, add_dynamic_tree_flags, add_lookup_flags, add_model_flags,
                        run_cli, validate_common, validate_tree_flags)
+from utils.bench.methods import hf_runner, subset_vocab_assistant
 from utils.config import DEFAULTS
 from utils.experiment import execute
 from utils.llava.prefill import load_llava_workload
+from utils.llava.reference import TransformersMethods
 
 
 def parser() -> OneLineParser:
@@ -75,7 +79,8 @@ def main() -> None:
 
         def make_drafter(pair, sampling, sample_children):
             return StaticTreeDrafter(pair.draft, growmap, sampling, sample_children)
-    execute(args, "test_llava", make_drafter, size, meta, load=load_llava_workload)
+    methods = TransformersMethods(hf_runner, subset_vocab_assistant)
+    execute(args, "test_llava", make_drafter, size, meta, load=partial(load_llava_workload, methods=methods))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from utils.errors import UserError
 from utils.experiment import ModelPair, PromptInputs, Workload, check_kv_slots, eos_ids_of, load_draft
 from utils.llava.inputs import ImagePrompt, image_prompts, readable
 from utils.llava.models import UNTRAINED_NOTE, LlavaModel, draft_kind, load_llava
+from utils.llava.reference import TransformersMethods, references_for
 from utils.models import check_vocab_match
 
 IMAGE_KIND = "image"
@@ -88,9 +89,10 @@ def build_prompts(rows: list[tuple[ImagePrompt, object]], target: LlavaModel,
     return prompts, own
 
 
-def load_llava_workload(args: argparse.Namespace, dtype: torch.dtype, tree_size: int) -> Workload:
-    """The LLaVA target and draft, the image prompts, and (benchmark mode) transformers' methods."""
-    from utils.llava.reference import references_for
+def load_llava_workload(args: argparse.Namespace, dtype: torch.dtype, tree_size: int,
+                        methods: TransformersMethods | None = None) -> Workload:
+    """The LLaVA target and draft, the image prompts, and in benchmark mode transformers' methods (`methods`:
+    utils/bench's runner and assistant wrapper, handed in by the script; None = none timed)."""
     from utils.report import emit
 
     rows = image_prompts(args.dataset, args.image_dir, args.prompt, args.start, args.end)  # fail fast on bad data
@@ -121,7 +123,9 @@ def load_llava_workload(args: argparse.Namespace, dtype: torch.dtype, tree_size:
     notes = [UNTRAINED_NOTE] if args.target is None else []
     for note in notes + [f"skipped: {reason}" for reason in skipped]:
         emit(note)
-    references, reference_notes = references_for(args, pair, target, draft, kind) if args.Mode == "benchmark" else ({}, [])
+    references, reference_notes = {}, []
+    if args.Mode == "benchmark" and methods is not None:
+        references, reference_notes = references_for(args, pair, target, draft, kind, methods)
     for note in reference_notes:
         emit(note)
     meta = {"llava": {"draft_kind": kind, "image_dir": args.image_dir, "prompt": args.prompt,
