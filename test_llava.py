@@ -30,8 +30,8 @@ from utils.llava.reference import TransformersMethods
 
 def parser() -> OneLineParser:
     parser = OneLineParser(description=__doc__.split("\n\n")[0],
-                           epilog="Results: <results-dir>/test_llava-<time>.json (+ .jsonl per prompt, with its image); "
-                                  "the last output line is 'results: <path>'.")
+                           epilog="Results: <results-dir>/test_llava-<time>.json (+ .jsonl per prompt, with its "
+                                  "image); the last output line is 'results: <path>'.")
     add_model_flags(parser, target_help="LLaVA target: hub id or local folder (default: SmolLM2-135M-Instruct with a "
                                         "random vision tower, built offline: the image content is ignored)",
                     draft_help="draft: a LLaVA, a text-only causal LM with the target's tokenizer, or a feature draft "

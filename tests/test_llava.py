@@ -83,12 +83,10 @@ def test_inputs_embeds_prefill_matches_transformers(tiny):
 
 def draft_side(tiny, kind: str, ids: list[int], pixels: torch.Tensor) -> tuple[TreeModel, DraftPrefix]:
     image_id = tiny["processor"].image_token_id
-    if kind == "llava":
-        hf = tiny["models"]["llava_draft"]
-        return TreeModel(hf, 256), DraftPrefix(len(ids), torch.tensor(ids), merged_embeds(hf, torch.tensor(ids), pixels))
-    if kind == "target":  # the LLaVA target as its own draft
-        hf = tiny["models"]["target"]
-        return TreeModel(hf, 256), DraftPrefix(len(ids), torch.tensor(ids), merged_embeds(hf, torch.tensor(ids), pixels))
+    if kind in ("llava", "target"):  # a LLaVA draft, or the LLaVA target as its own draft
+        hf = tiny["models"]["llava_draft" if kind == "llava" else "target"]
+        prefix = DraftPrefix(len(ids), torch.tensor(ids), merged_embeds(hf, torch.tensor(ids), pixels))
+        return TreeModel(hf, 256), prefix
     text_ids = torch.tensor([t for t in ids if t != image_id])
     return TreeModel(tiny["models"]["text_draft"], 256), DraftPrefix(len(ids), text_ids)
 
@@ -129,8 +127,9 @@ def test_target_as_llava_draft_accepts_every_node(tiny):
     target = TreeModel(target_hf, 256)
     draft, prefix = draft_side(tiny, "target", ids, pixels)
     drafter = StaticTreeDrafter(draft, G.chain(5), GREEDY, False)
+    embeds = merged_embeds(target_hf, torch.tensor(ids), pixels)
     result = speculative_generate(target, drafter, ids, 18, set(), GREEDY, "greedy", torch.Generator(),
-                                  prompt_embeds=merged_embeds(target_hf, torch.tensor(ids), pixels), draft_prefix=prefix)
+                                  prompt_embeds=embeds, draft_prefix=prefix)
     assert result.accepted_per_step == [6, 6, 6]  # 5 drafted tokens + the bonus, each step
 
 
@@ -190,7 +189,8 @@ def results_of(stdout: str) -> tuple[dict, list[dict]]:
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("results: ")
     path = Path(last.removeprefix("results: "))
-    return json.loads(path.read_text()), [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
+    return json.loads(path.read_text()), rows
 
 
 def test_cli_benchmark_llava_draft(tiny):

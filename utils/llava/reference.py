@@ -43,7 +43,8 @@ def _assistant(pair: ModelPair, draft: LlavaModel | None, kind: str, args: argpa
     if kind == "feature":
         name = default_token_draft_for(args.target)
         if name is None:
-            return None, "assisted: not run (transformers cannot run a feature draft, and no token-level draft is shipped)"
+            return None, ("assisted: not run (transformers cannot run a feature draft, and no token-level draft is "
+                          "shipped)")
         note = (f"assisted: transformers cannot run a feature draft; its assistant is the token-level draft {name}")
     hf_model = pair.draft.hf_model if kind == "text" else load_hf_model(name, pair.target.dtype, args.device)
     vocab = load_draft_vocab(name)
