@@ -20,7 +20,7 @@ from engine.drafters import StaticTreeDrafter
 from engine.dynamic_drafter import DynamicTreeDrafter
 from engine.growmap import load_growmap
 from utils.cli import (OneLineParser, add_decoding_flags, add_dynamic_tree_flags, add_lookup_flags, add_model_flags,
-                       run_cli, validate_common, validate_tree_flags)
+                       add_results_flags, run_cli, validate_common, validate_tree_flags)
 from utils.bench.methods import hf_runner, subset_vocab_assistant
 from utils.config import DEFAULTS
 from utils.experiment import execute
@@ -49,7 +49,7 @@ def parser() -> OneLineParser:
     parser.add_argument("--start", type=int, default=DEFAULTS.start, help="first image/row index (inclusive)")
     parser.add_argument("--end", type=int, default=DEFAULTS.llava_end, help="last image/row index (exclusive)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed; prompt i uses seed + i")
-    parser.add_argument("--results-dir", default=DEFAULTS.results_dir, help="where result files are written")
+    add_results_flags(parser)
     add_decoding_flags(parser)
     parser.set_defaults(max_new_tokens=DEFAULTS.llava_max_new_tokens)
     add_lookup_flags(parser)

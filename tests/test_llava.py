@@ -207,7 +207,7 @@ def test_cli_benchmark_llava_draft(tiny):
     assert all(ref["same_output_prompts"] == 3 for ref in summary["references"].values())
     for row, image in zip(rows, tiny["images"]):
         assert row["image"] == str(image)
-        assert row["output_ids"] == row["baseline_output_ids"] == row["transformers generate_output_ids"]
+        assert row["output_ids"] == row["baseline_output_ids"] == row["transformers_generate_output_ids"]
     assert "speedup" in done.stdout and "transformers generate" in done.stdout
 
 

@@ -86,8 +86,13 @@ def add_prompt_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    """The prompt flags and --results-dir."""
+    """The prompt flags, --results-dir and --resume."""
     add_prompt_flags(parser)
+    add_results_flags(parser)
+
+
+def add_results_flags(parser: argparse.ArgumentParser) -> None:
+    """--results-dir and --resume."""
     parser.add_argument("--results-dir", default=DEFAULTS.results_dir,
                         help="where result files are written (checked writable before any model loads)")
     parser.add_argument("--resume", default=DEFAULTS.resume, metavar="PATH",
