@@ -220,7 +220,7 @@ def run_prompts(pair: ModelPair, drafter: Drafter | None, prompts: list[Prompt],
             return PromptRecord(prompt, speculative(prompt, settings.max_new_tokens, False))
         result = speculative(prompt, settings.max_new_tokens, True)
         others = {name: run(prompt, settings.max_new_tokens) for name, run in references.items()}
-        return PromptRecord(prompt, result, baseline(prompt, settings.max_new_tokens), others)
+        return PromptRecord(prompt, result, baseline(prompt, settings.max_new_tokens), references=others)
 
     records = []
     for prompt in tqdm(prompts, desc=settings.mode, unit="prompt", dynamic_ncols=True, disable=not progress):
