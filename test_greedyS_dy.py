@@ -14,34 +14,18 @@ from __future__ import annotations
 import argparse
 
 from engine.drafters import StaticTreeDrafter
-from engine.dynamic_drafter import SCORES, DynamicTreeDrafter, check_decay, check_score
+from engine.dynamic_drafter import SCORES, DynamicTreeDrafter
 from engine.growmap import load_growmap
 from engine.sampling import Sampling
 from utils.calibration import add_calibration_flags, choose_kernels, dynamic_step_rows, static_step_rows
-from utils.cli import decoding_parser, run_cli, validate_common
-from utils.config import DEFAULTS, tree_limits
+from utils.cli import decoding_parser, run_cli, validate_common, validate_tree_flags
+from utils.config import DEFAULTS
 from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
-from utils.errors import UserError
 from utils.experiment import execute, sampled_children
 from utils.original_flags import NEGATIVE, TOP_K_CHILDREN, draft_top_p, report_ignored
 
 STATIC = "--static verifies the --growmap's static tree"
-
-
-def validate_tree_flags(args: argparse.Namespace) -> None:
-    if args.B < 2:
-        raise UserError(f"--B must be >= 2 (the root and one drafted node), got {args.B}")
-    if args.W < 1:
-        raise UserError(f"--W must be >= 1, got {args.W}")
-    if args.D < 1:
-        raise UserError(f"--D must be >= 1, got {args.D}")
-    try:
-        check_score(args.score, sampled_children(args))
-        if args.score == "original":
-            check_decay(args.decay)
-    except ValueError as exc:
-        raise UserError(f"--score {args.score}: {exc}") from exc
 
 
 def ignored_reasons(args: argparse.Namespace) -> dict[str, str]:
@@ -79,9 +63,6 @@ def main() -> None:
                                                                           sample_children),
                 growmap.size, meta, processes, load_target, kernels=kernels)
         return
-    args.B, args.D = tree_limits(args.growmap, args.B, args.D)
-    args.W = DEFAULTS.W if args.W is None else args.W
-    args.decay = DEFAULTS.decay if args.decay is None else args.decay
     validate_tree_flags(args)
     meta = {"dynamic_tree": {"budget": args.B, "width": args.W, "max_depth": args.D, "score": args.score,
                              "decay": args.decay if args.score == "original" else None}}

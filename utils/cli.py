@@ -162,21 +162,26 @@ def add_dynamic_tree_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def validate_tree_flags(args: argparse.Namespace) -> None:
-    """Fill the dynamic tree's budget and depth from the --growmap when not given, and check them."""
-    from engine.dynamic_drafter import check_score
+    """Fill the dynamic tree's budget, depth, width and decay from the --growmap and the defaults when not given,
+    and check them (test_greedyS_dy.py and test_llava.py --dynamic)."""
+    from engine.dynamic_drafter import check_decay, check_score
 
     args.B, args.D = tree_limits(args.growmap, args.B, args.D)
+    args.W = DEFAULTS.W if args.W is None else args.W
+    args.decay = DEFAULTS.decay if getattr(args, "decay", None) is None else args.decay
     if args.B < 2:
         raise UserError(f"--B must be >= 2 (the root and one drafted node), got {args.B}")
     if args.W < 1:
         raise UserError(f"--W must be >= 1, got {args.W}")
     if args.D < 1:
         raise UserError(f"--D must be >= 1, got {args.D}")
-    verifier = "greedy" if args.T == 0 else args.verify
+    sampled = args.Mode != "baseline" and SAMPLED_CHILDREN["greedy" if args.T == 0 else args.verify]
     try:
-        check_score(args.score, SAMPLED_CHILDREN[verifier])
+        check_score(args.score, sampled)
+        if args.score == "original":
+            check_decay(args.decay)
     except ValueError as exc:
-        raise UserError(str(exc)) from exc
+        raise UserError(f"--score {args.score}: {exc}") from exc
 
 
 def decoding_parser(doc: str, script: str, results_note: str = "") -> OneLineParser:
