@@ -22,6 +22,7 @@ from engine.model import TreeModel
 from engine.prompt_lookup import PromptLookupDrafter
 from engine.sampling import Sampling
 from engine.tree_mask import causal_mask
+from tests.conftest import REPO_ROOT
 from tests.test_feature_draft import feature_pair
 from tests.tiny_models import random_prompt, tiny_llama
 
@@ -233,3 +234,31 @@ def test_cuda_graphed_decoding_equals_eager(method, dtype):
     if method != "autoregressive":
         assert gdraft.counts["replayed"] > 0
     warnings.warn(f"{method} {dtype}: graph counts target {gtarget.counts}, draft {gdraft.counts}")
+
+
+def test_flag_turns_graphs_off_and_defaults_on():
+    from utils.bench.compare import parse_args
+    from utils.cli import decoding_parser
+    from utils.config import DEFAULTS
+
+    parser = decoding_parser("doc", "script")
+    assert DEFAULTS.cuda_graphs and parser.parse_args([]).cuda_graphs
+    assert not parser.parse_args(["--no-cuda-graphs"]).cuda_graphs
+    assert not parse_args(["--no-cuda-graphs"]).cuda_graphs
+
+
+def test_bench_floor_dry_run(tmp_path, capsys):
+    """The GPU timing tool end to end on a CPU: tiny shapes, the graph bookkeeping with eager forwards."""
+    import json
+
+    from utils.bench.floor import main
+
+    out = tmp_path / "floor.json"
+    main(["--device", "cpu", "--shapes", "tiny", "--repeats", "1", "--copy-mb", "1", "--prompts", "1",
+          "--prompt-len", "16", "--max-new-tokens", "6", "--prefix", "8", "--growmap", str(REPO_ROOT / "growmaps" / "4x8-tree.pt"),
+          "-o", str(out)])
+    figures = json.loads(out.read_text())
+    assert {"target:64:eager", "target:64:graphs", "draft:1:graphs"} <= set(figures["step_ms"])
+    assert all(row["equal_outputs"] == "1/1" for row in figures["decode"].values())
+    assert figures["graph_calls"]["target"]["replayed"] > 0
+    assert "targets (stand-in)" in capsys.readouterr().out

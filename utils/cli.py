@@ -69,6 +69,13 @@ def add_model_flags(parser: argparse.ArgumentParser, with_draft: bool = True, ta
                              "float32 (see README)")
 
 
+def add_cuda_graph_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=DEFAULTS.cuda_graphs,
+                        help="run every forward eagerly on CUDA; by default the draft's and the target's repeated "
+                             "forwards (tree sizes, one-token steps) replay CUDA graphs (cuda_graphs = %(default)s; "
+                             "never used on a CPU)")
+
+
 def add_prompt_flags(parser: argparse.ArgumentParser) -> None:
     """Which prompts: --dataset, --start, --end, --prompt-len, --seed, --dataset-tokenizer (for tools that write
     no results folder)."""
@@ -192,6 +199,7 @@ def decoding_parser(doc: str, script: str, results_note: str = "") -> OneLinePar
                            epilog=f"Results: <results-dir>/{script}-<time>.json (+ .jsonl per prompt{results_note}); "
                                   "the last output line is 'results: <path>'.")
     add_model_flags(parser)
+    add_cuda_graph_flag(parser)
     add_data_flags(parser)
     add_decoding_flags(parser)
     add_lookup_flags(parser)

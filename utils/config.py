@@ -81,6 +81,7 @@ class RunDefaults:
     llava_prompt: str = "USER: Can you tell me what is in the image?\n<image> ASSISTANT:"
     llava_end: int = 4
     llava_max_new_tokens: int = 64
+    cuda_graphs: bool = True            # replay CUDA graphs of the draft's and the target's forwards (CUDA only)
 
 
 DEFAULTS = RunDefaults()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from engine.cuda_graphs import graph_counts, with_cuda_graphs
 from engine.decoder import (DecodeResult, Drafter, StepTimer, VerifierFn, autoregressive_generate, check_capacity,
                             speculative_generate)
 from engine.drafters import DraftPrefix, teacher_forced_logits
@@ -105,11 +106,12 @@ def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dty
 
 def load_pair(target: str | None, draft: str | None, need_draft: bool, dtype: torch.dtype, device: str,
               max_len: int, tokenizer=None, load_target: Callable | None = None,
-              plans: tuple[KernelPlan, KernelPlan] | None = None) -> ModelPair:
+              plans: tuple[KernelPlan, KernelPlan] | None = None, cuda_graphs: bool = False) -> ModelPair:
     """Target, tokenizer and (when needed) draft, as TreeModels with `max_len` cache slots each: both in
     `dtype` with plain kernels, or as `plans` says (target's plan, draft's plan; see utils/calibration/);
     `load_target(spec, dtype, device)` replaces the plain target load (--offloading, whose target keeps plain
-    kernels: its weights are not all in memory to pack)."""
+    kernels: its weights are not all in memory to pack). With `cuda_graphs` on a CUDA device both replay CUDA
+    graphs (engine/cuda_graphs.py), except an offloaded target, whose weights move during its forward."""
     target_plan, draft_plan = plans or (KernelPlan(dtype), KernelPlan(dtype))
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
     target_hf = (load_target or load_hf_model)(target, target_plan.dtype, device)
@@ -118,6 +120,8 @@ def load_pair(target: str | None, draft: str | None, need_draft: bool, dtype: to
     target_model = TreeModel(target_hf, max_len)
     draft_name, draft_model = (load_draft(draft, target, target_model, draft_plan.dtype, device, max_len,
                                           draft_plan.linear_path) if need_draft else (None, None))
+    target_model = with_cuda_graphs(target_model, cuda_graphs and load_target is None)
+    draft_model = draft_model if draft_model is None else with_cuda_graphs(draft_model, cuda_graphs)
     return ModelPair(target_model, draft_model, tokenizer, target or DEFAULT_TARGET, draft_name,
                      eos_ids_of(tokenizer, target_hf))
 
@@ -461,7 +465,7 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
             raise UserError(f"--M {args.M} is too small for {turns}-turn conversations: each turn adds up to a "
                             f"prompt ({args.prompt_len}) and an answer ({args.max_new_tokens}) to the next turn's prompt")
         workload = Workload(load_pair(args.target, args.model, args.Mode != "baseline", dtype, device, args.M,
-                                      tokenizer, load_target, plans), prompts)
+                                      tokenizer, load_target, plans, cuda_graphs=args.cuda_graphs), prompts)
     else:
         workload = load(args, dtype, tree_size)
     pair, tokenizer, prompts = workload.pair, workload.pair.tokenizer, workload.prompts
@@ -482,6 +486,7 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
 
     def summary_of(rows: list[dict]) -> dict:
         summary = {**header, **summarize([result_of_row(row) for row in turn_rows(rows)])}
+        summary["cuda_graph_calls"] = {"target": graph_counts(pair.target), "draft": graph_counts(pair.draft)}
         if args.Mode == "benchmark":
             summary["baseline"] = summarize([result_of_row(row, BASELINE) for row in turn_rows(rows)])
             summary["speedup"] = summary["baseline"]["seconds_per_token"] / max(summary["seconds_per_token"], 1e-12)

@@ -22,8 +22,8 @@ import torch
 from engine.growmap import Growmap
 from engine.verifiers import VERIFIERS
 from utils.bench.methods import METHODS, PROMPT_LOOKUP_TOKENS, BenchSetup, DynamicShape, Run
-from utils.cli import (OneLineParser, add_data_flags, add_lookup_flags, add_model_flags, finite_float, run_cli,
-                       validate_common)
+from utils.cli import (OneLineParser, add_cuda_graph_flag, add_data_flags, add_lookup_flags, add_model_flags,
+                       finite_float, run_cli, validate_common)
 from utils.config import DEFAULTS
 from utils.data import Prompt
 from utils.errors import UserError
@@ -235,6 +235,7 @@ def parse_args(argv: list[str] | None = None, add_flags: Callable | None = None)
                            epilog="Results: <results-dir>/bench-<time>.json (+ .jsonl, .png); "
                                   "the last output line is 'results: <path>'.")
     add_model_flags(parser)
+    add_cuda_graph_flag(parser)
     add_data_flags(parser)
     parser.add_argument("--T", type=finite_float, default=DEFAULTS.T, help="temperature; 0 = greedy (exact)")
     parser.add_argument("--P", type=finite_float, default=DEFAULTS.P,
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
     log = open_run(args.results_dir, args.resume, "bench", vars(args))
     max_len = args.prompt_len + args.max_new_tokens + max(growmap.size, dynamic.slots_bound()) + args.lookup + 1
     pair = load_pair(args.target, args.model, need_draft, dtype, args.device, max_len,
-                     plans=(kernels.target, kernels.draft))
+                     plans=(kernels.target, kernels.draft), cuda_graphs=args.cuda_graphs)
     prompts = prompts_from_args(args, pair.tokenizer)
 
     assistant_draft = None

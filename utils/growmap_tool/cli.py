@@ -8,7 +8,8 @@ from typing import Sequence
 
 from engine.growmap import GrowmapError
 from engine.linear_paths import LINEAR_PATHS
-from utils.cli import OneLineParser, add_model_flags, add_offload_flags, add_prompt_flags, finite_float
+from utils.cli import (OneLineParser, add_cuda_graph_flag, add_model_flags, add_offload_flags, add_prompt_flags,
+                       finite_float)
 from utils.errors import UserError
 from utils.growmap_tool.build import cmd_build
 from utils.growmap_tool.draw import cmd_inspect
@@ -106,6 +107,7 @@ def _add_latency_command(commands) -> None:
                     "and one draft growth step for each frontier in --draft-sizes; medians after warm-up "
                     "(Sequoia's hardware-aware search, arXiv 2402.12374 section 3.2). Run it on an idle machine.")
     add_model_flags(sub)
+    add_cuda_graph_flag(sub)
     sub.add_argument("--sizes", default=DEFAULT_SIZES, help=f"tree sizes n (root included) to time; 1 is always "
                                                             f"added; default {DEFAULT_SIZES}")
     sub.add_argument("--draft-sizes", default=DEFAULT_DRAFT_SIZES,

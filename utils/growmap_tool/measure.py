@@ -15,7 +15,8 @@ from engine.model import to_target_vocab
 from engine.tree_search import sequoia_dp
 from utils.errors import UserError
 from utils.growmap_tool.output import MAX_NODES, command_line, out_path, positive
-from utils.report import wall_clock, write_json
+from utils.report import write_json
+from utils.timing import DRAFT_TOPK, draft_call, target_call, time_round_robin, tree_inputs
 
 
 DEFAULT_SIZES = "1,2,4,8,16,32,64,128,256"
@@ -24,7 +25,6 @@ DEFAULT_SIZES = "1,2,4,8,16,32,64,128,256"
 DEFAULT_DRAFT_SIZES = "1,2,4,8"
 
 
-DRAFT_TOPK = 8  # children picked per expanded node in a timed draft step (a top-k over the draft's logits)
 
 
 SEQUOIA_BUDGETS = (16, 32, 64, 128)  # budgets whose best predicted tokens/step the acceptance record quotes
@@ -33,10 +33,11 @@ SEQUOIA_BUDGETS = (16, 32, 64, 128)  # budgets whose best predicted tokens/step 
 SEQUOIA_LEVELS = 10
 
 
-def load_models(args: argparse.Namespace, max_len: int, target_loader=None):
+def load_models(args: argparse.Namespace, max_len: int, target_loader=None, cuda_graphs: bool = False):
     """(ModelPair, device, dtype) for --target/--model/--device/--dtype, each model with max_len cache slots;
     target_loader(args, device) -> a load_pair target loader or None (--offloading: utils/distributed, handed
-    in by the entry point, since one subsystem does not import another)."""
+    in by the entry point, since one subsystem does not import another); with `cuda_graphs` on CUDA the models
+    replay CUDA graphs (never an offloaded target)."""
     from utils.cli import quiet_transformers, resolve_device, resolve_dtype
     from utils.experiment import load_pair
 
@@ -50,7 +51,8 @@ def load_models(args: argparse.Namespace, max_len: int, target_loader=None):
     plan = KernelPlan(dtype, path)
     if not path_available(path, dtype, device):
         raise UserError(f"--kernel {path} cannot run {plan.label.split('/')[0]} on {device} here: pass --kernel plain")
-    pair = load_pair(args.target, args.model, True, dtype, device, max_len, load_target=load_target, plans=(plan, plan))
+    pair = load_pair(args.target, args.model, True, dtype, device, max_len, load_target=load_target, plans=(plan, plan),
+                     cuda_graphs=cuda_graphs)
     return pair, device, dtype
 
 
@@ -209,62 +211,9 @@ def parse_sizes(text: str, flag: str) -> list[int]:
     return sizes
 
 
-def tree_inputs(size: int, prefix: int, vocab: int, shape: str, generator: torch.Generator,
-                device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token_ids [n], positions [n], kv_slots [n], attn_mask [n, prefix + n]) of a tree of n nodes placed
-    after `prefix` cached tokens, as the decoder feeds it. shape "random": node i's parent is uniform in
-    0..i-1 (a random recursive tree); "chain": node i's parent is i - 1."""
-    from engine.tree_mask import ancestor_mask_from_parents, tree_attention_mask
-
-    ids = torch.arange(size)
-    if shape == "chain":
-        parents = ids - 1
-    else:
-        parents = (torch.rand(size, generator=generator) * ids).long()  # [n], node 0 gets 0: fixed below
-        parents[0] = -1
-    ancestors = ancestor_mask_from_parents(parents)                    # [n, n] bool
-    depth = ancestors.sum(dim=-1) - 1                                  # [n]
-    tokens = torch.randint(0, vocab, (size,), generator=generator)
-    mask = tree_attention_mask(ancestors, ids, prefix)                 # [n, prefix + n]
-    return tokens.to(device), (prefix + depth).to(device), (prefix + ids).to(device), mask.to(device)
-
-
-def _timed_ms(call, device: str) -> float:
-    """Wall time of call() in ms, synchronising CUDA before and after."""
-    with wall_clock(device) as elapsed:
-        call()
-    return elapsed[0] * 1000.0
-
-
-def time_round_robin(calls: dict[str, object], repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
-    """Every call `warmup` times untimed, then `repeats` timed rounds, each round running every call once
-    (interleaved, so a slow spell on a shared machine spreads over all sizes instead of hitting one)."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    timings: dict[str, list[float]] = {key: [] for key in calls}
-    for _ in range(repeats):
-        for key, call in calls.items():
-            timings[key].append(_timed_ms(call, device))
-    return timings
-
-
-def _target_call(model, inputs):
-    tokens, positions, slots, mask = inputs
-    return lambda: model.forward(tokens, positions, slots, mask)
-
-
-def _draft_call(model, inputs):
-    """One draft growth step: the forward over the frontier and the top-k children of each node."""
-    tokens, positions, slots, mask = inputs
-    k = min(DRAFT_TOPK, model.vocab_size)
-    features = model.placeholder_features(tokens.shape[0])
-    return lambda: model.to_target_ids(model.forward(tokens, positions, slots, mask, prev_features=features)
-                                       .topk(k, dim=-1).indices)
-
-
 def cmd_latency(args: argparse.Namespace, argv: Sequence[str], target_loader=None) -> None:
     """Sequoia's hardware profile (arXiv 2402.12374, section 3.2): target forward time per tree size, draft step time."""
+    from engine.cuda_graphs import graph_counts
     from engine.drafters import append_tokens
     from utils.models import layer_placement
 
@@ -278,13 +227,13 @@ def cmd_latency(args: argparse.Namespace, argv: Sequence[str], target_loader=Non
         raise UserError("--warmup and --prefix must be >= 0")
     if args.threads is not None:
         torch.set_num_threads(positive("--threads", args.threads))
-    pair, device, dtype = load_models(args, args.prefix + max(sizes + draft_sizes), target_loader)
+    pair, device, dtype = load_models(args, args.prefix + max(sizes + draft_sizes), target_loader, args.cuda_graphs)
     generator = torch.Generator().manual_seed(args.seed)
     vocab = pair.target.vocab_size
     prefix_ids = torch.randint(0, vocab, (args.prefix,), generator=generator).to(device)
     calls = {}
-    for model, kind, kind_sizes, make in ((pair.target, "target", sizes, _target_call),
-                                          (pair.draft, "draft", draft_sizes, _draft_call)):
+    for model, kind, kind_sizes, make in ((pair.target, "target", sizes, target_call),
+                                          (pair.draft, "draft", draft_sizes, draft_call)):
         if args.prefix:
             append_tokens(model, prefix_ids, 0, last_logits=False,
                           prev_features=model.placeholder_features(args.prefix))
@@ -303,7 +252,9 @@ def cmd_latency(args: argparse.Namespace, argv: Sequence[str], target_loader=Non
         "target_ms": median["target"], "draft_step_ms": median["draft"][str(args.draft_frontier)],
         "draft_frontier": args.draft_frontier, "draft_ms": median["draft"],
         "timings_ms": per, "prefix": args.prefix, "tree": args.tree, "repeats": repeats, "warmup": warmup,
-        "seed": args.seed, "offloading": layer_placement(pair.target.hf_model), **_environment(device, dtype),
+        "seed": args.seed, "offloading": layer_placement(pair.target.hf_model),
+        "cuda_graph_calls": {"target": graph_counts(pair.target), "draft": graph_counts(pair.draft)},
+        **_environment(device, dtype),
         "kernel": args.kernel,
     }
     write_json(out, record)
@@ -316,5 +267,6 @@ def cmd_latency(args: argparse.Namespace, argv: Sequence[str], target_loader=Non
     if noisy:
         print(f"note: median more than 25% above the fastest run for {', '.join(noisy)}: the machine looks busy; "
               "rerun on an idle one (or with more --repeats)")
-    print(f"wrote {out} ({record['device']}, {record['dtype']}, {record['threads']} threads)")
+    graphs = "CUDA graphs" if record["cuda_graph_calls"]["target"] is not None else "eager"
+    print(f"wrote {out} ({record['device']}, {record['dtype']}, {record['threads']} threads, {graphs})")
 
