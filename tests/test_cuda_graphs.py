@@ -12,7 +12,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from engine import growmap as G
-from engine.cuda_graphs import GraphedModel, GraphSettings, cuda_graph_capture, graph_counts, with_cuda_graphs
+from engine.cuda_graphs import GraphedModel, GraphSettings, graph_counts, with_cuda_graphs
 from engine.decoder import autoregressive_generate, speculative_generate
 from engine.drafters import StaticTreeDrafter
 from engine.dynamic_drafter import DynamicTreeDrafter
@@ -255,8 +255,8 @@ def test_bench_floor_dry_run(tmp_path, capsys):
 
     out = tmp_path / "floor.json"
     main(["--device", "cpu", "--shapes", "tiny", "--repeats", "1", "--copy-mb", "1", "--prompts", "1",
-          "--prompt-len", "16", "--max-new-tokens", "6", "--prefix", "8", "--growmap", str(REPO_ROOT / "growmaps" / "4x8-tree.pt"),
-          "-o", str(out)])
+          "--prompt-len", "16", "--max-new-tokens", "6", "--prefix", "8",
+          "--growmap", str(REPO_ROOT / "growmaps" / "4x8-tree.pt"), "-o", str(out)])
     figures = json.loads(out.read_text())
     assert {"target:64:eager", "target:64:graphs", "draft:1:graphs"} <= set(figures["step_ms"])
     assert all(row["equal_outputs"] == "1/1" for row in figures["decode"].values())
