@@ -6,7 +6,8 @@ they add up for the target. Sequoia (arXiv 2402.12374) and the original project 
 draft's growth steps and for verification at fixed tree sizes; gpt-fast gets the same from
 `torch.compile(mode="reduce-overhead")`. `GraphedModel` does it for any TreeModel, keyed by the call's shapes:
 
-  key       (rows, attention width rounded up to `kv_block`, logit rows, return_hidden, feature width and dtype)
+  key       (rows, attention width rounded up to `kv_block`, logit rows, return_hidden, hidden layers, feature
+            width and dtype)
   capture   the `capture_after`-th call with a key allocates static input buffers for it (token ids, positions,
             KV slots, mask, logit rows, features), records the model's own forward over them once and keeps the
             graph; every later call with that key copies its inputs into the buffers and replays the graph
@@ -142,7 +143,7 @@ class GraphedModel:
         return getattr(self.model, name)
 
     def key(self, attn_mask: torch.Tensor, logits_rows: torch.Tensor | None, return_hidden: bool,
-            prev_features: torch.Tensor | None) -> tuple | None:
+            prev_features: torch.Tensor | None, hidden_layers: tuple[int, ...] | None = None) -> tuple | None:
         """The graph a call would replay, or None when it runs eagerly whatever its count."""
         rows, width = attn_mask.shape
         if attn_mask.dtype != torch.bool or not 0 < rows <= self.settings.max_rows or width > self.model.max_len:
@@ -150,20 +151,22 @@ class GraphedModel:
         block = self.settings.kv_block
         bucket = min(-(-width // block) * block, self.model.max_len)
         features = None if prev_features is None else (prev_features.shape[-1], prev_features.dtype)
-        return rows, bucket, None if logits_rows is None else logits_rows.shape[0], return_hidden, features
+        logit_rows = None if logits_rows is None else logits_rows.shape[0]
+        layers = None if hidden_layers is None else tuple(hidden_layers)
+        return rows, bucket, logit_rows, return_hidden, layers, features
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
                 attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None, return_hidden: bool = False,
-                prev_features: torch.Tensor | None = None) -> Outputs:
+                prev_features: torch.Tensor | None = None, hidden_layers: tuple[int, ...] | None = None) -> Outputs:
         """TreeModel.forward's contract: token_ids, positions, kv_slots [n] long; attn_mask [n, S] bool;
-        logits_rows [r] long or None; prev_features [n, d] or None."""
+        logits_rows [r] long or None; prev_features [n, d] or None; hidden_layers: indices or None."""
         if self.model.cache.keys.data_ptr() != self._cache_storage:  # graphs address the old cache: drop them
             self._calls.clear()
             self._seen.clear()
             self._cache_storage = self.model.cache.keys.data_ptr()
         inputs = (token_ids, positions, kv_slots, attn_mask, logits_rows, prev_features)
-        key = self.key(attn_mask, logits_rows, return_hidden, prev_features)
+        key = self.key(attn_mask, logits_rows, return_hidden, prev_features, hidden_layers)
         call = self._calls.get(key)
         if call is None:
             if key is not None:
@@ -172,21 +175,22 @@ class GraphedModel:
                     or len(self._calls) >= self.settings.max_graphs):
                 self.counts["eager"] += 1
                 return self.model.forward(token_ids, positions, kv_slots, attn_mask, logits_rows=logits_rows,
-                                          return_hidden=return_hidden, prev_features=prev_features)
-            call = self._record(key, inputs, return_hidden)
+                                          return_hidden=return_hidden, prev_features=prev_features,
+                                          hidden_layers=hidden_layers)
+            call = self._record(key, inputs)
         call.stage(*inputs)
         self.counts["replayed"] += 1
         return _cloned(call.replay())
 
-    def _record(self, key: tuple, inputs: tuple, return_hidden: bool) -> _StaticCall:
-        rows, bucket, logit_rows, _, features = key
+    def _record(self, key: tuple, inputs: tuple) -> _StaticCall:
+        rows, bucket, logit_rows, return_hidden, hidden_layers, features = key
         call = _StaticCall(rows, bucket, logit_rows, features, self.model.device)
         call.stage(*inputs)  # the capture's warm-up computes this very call
 
         def run() -> Outputs:
             return self.model.forward(call.tokens, call.positions, call.slots, call.mask,
                                       logits_rows=call.logits_rows, return_hidden=return_hidden,
-                                      prev_features=call.features)
+                                      prev_features=call.features, hidden_layers=hidden_layers)
 
         call.replay = self.capture(run)
         self._calls[key] = call

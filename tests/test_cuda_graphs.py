@@ -23,7 +23,7 @@ from engine.prompt_lookup import PromptLookupDrafter
 from engine.sampling import Sampling
 from engine.tree_mask import causal_mask
 from tests.conftest import REPO_ROOT
-from tests.test_feature_draft import feature_pair
+from tests.test_feature_draft import FUSED, feature_pair
 from tests.tiny_models import random_prompt, tiny_llama
 
 VOCAB = 96
@@ -148,13 +148,13 @@ def graphed_pair(target, draft, capture, settings):
     return GraphedModel(target, capture, settings), GraphedModel(draft, capture, settings)
 
 
-@pytest.mark.parametrize("method", ["autoregressive", "static", "static+lookup", "dynamic", "feature"])
+@pytest.mark.parametrize("method", ["autoregressive", "static", "static+lookup", "dynamic", "feature", "fused"])
 def test_graphed_decoding_equals_eager_float32(method):
     """Greedy output and steps identical with and without graphs; every graph kind gets replayed (the
-    narrow buckets make decoding cross several)."""
-    if method == "feature":
-        target, draft = feature_pair(head_subset=True)
-        method = "static"
+    narrow buckets make decoding cross several). `fused`: a feature draft on several target layers."""
+    if method in ("feature", "fused"):
+        target, draft = feature_pair(head_subset=True, target_layers=FUSED if method == "fused" else None)
+        method = "static+lookup"
     else:
         target = TreeModel(tiny_llama(0, vocab=VOCAB), 256)
         draft = TreeModel(tiny_llama(1, vocab=VOCAB, hidden=32, layers=1, heads=2, kv_heads=1), 256)
