@@ -198,7 +198,8 @@ class GraphedModel:
         return call
 
 
-def with_cuda_graphs(model: TreeModel, enabled: bool, settings: GraphSettings = GraphSettings()) -> TreeModel:
+def with_cuda_graphs(model: TreeModel, enabled: bool,
+                     settings: GraphSettings = GraphSettings()) -> TreeModel | GraphedModel:
     """`model` in a GraphedModel recording CUDA graphs when enabled and it lives on a CUDA device; the model
     itself otherwise: graphs are never used on a CPU."""
     if not enabled or model.device.type != "cuda":
