@@ -158,15 +158,18 @@ class GraphedModel:
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv_slots: torch.Tensor,
                 attn_mask: torch.Tensor, logits_rows: torch.Tensor | None = None, return_hidden: bool = False,
-                prev_features: torch.Tensor | None = None, hidden_layers: tuple[int, ...] | None = None) -> Outputs:
+                prev_features: torch.Tensor | None = None, hidden_layers: tuple[int, ...] | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> Outputs:
         """TreeModel.forward's contract: token_ids, positions, kv_slots [n] long; attn_mask [n, S] bool;
-        logits_rows [r] long or None; prev_features [n, d] or None; hidden_layers: indices or None."""
+        logits_rows [r] long or None; prev_features [n, d] or None; hidden_layers: indices or None;
+        inputs_embeds [n, d] or None (an image prefill: always eager, never a graph)."""
         if self.model.cache.keys.data_ptr() != self._cache_storage:  # graphs address the old cache: drop them
             self._calls.clear()
             self._seen.clear()
             self._cache_storage = self.model.cache.keys.data_ptr()
         inputs = (token_ids, positions, kv_slots, attn_mask, logits_rows, prev_features)
-        key = self.key(attn_mask, logits_rows, return_hidden, prev_features, hidden_layers)
+        key = None if inputs_embeds is not None else self.key(attn_mask, logits_rows, return_hidden, prev_features,
+                                                              hidden_layers)
         call = self._calls.get(key)
         if call is None:
             if key is not None:
@@ -176,7 +179,7 @@ class GraphedModel:
                 self.counts["eager"] += 1
                 return self.model.forward(token_ids, positions, kv_slots, attn_mask, logits_rows=logits_rows,
                                           return_hidden=return_hidden, prev_features=prev_features,
-                                          hidden_layers=hidden_layers)
+                                          hidden_layers=hidden_layers, inputs_embeds=inputs_embeds)
             call = self._record(key, inputs)
         call.stage(*inputs)
         self.counts["replayed"] += 1
