@@ -234,7 +234,7 @@ def validate_common(args: argparse.Namespace) -> None:
     if hasattr(args, "DP"):
         validate_original_flags(args)
     args.device = resolve_device(args.device)
-    if getattr(args, "results_dir", None):
+    if getattr(args, "results_dir", None) and not getattr(args, "resume", None):  # a resumed run writes where it began
         check_writable(args.results_dir)  # before any model loads, so a long run cannot fail at its end
 
 
