@@ -23,9 +23,11 @@ ORIGINAL_COMMANDS = {
                           "--end 200 --Mode greedy --M 1024 --growmap ./growmaps/68m_7b-64.pt --dataset cnn",
     "test_greedyS_logit.py": "--model JackFram/llama-68m --target meta-llama/Llama-2-13b-hf --T 0.6 --P 0.9 --start 0 "
                              "--end 3500 --Mode baseline --M 1024 --growmap ./growmaps/68m_7b-64.pt --dataset openwebtext",
-    # PLACE FOR THE OTHER TWO: test_greedyS_commonsense.py (same flags as test_greedyS.py) and test_llava.py
-    # (--model anthonycmu/llava-1.5-160m --target llava-hf/llava-1.5-7b-hf ... --end 3500 --dataset openwebtext)
-    # are built on other branches; add their commands here once the scripts are on main.
+    # the original's common-sense run is greedy verification (its substitution rule has no sampling form)
+    "test_greedyS_commonsense.py": "--model JackFram/llama-68m --target meta-llama/Llama-2-13b-hf --T 0 --P 0.9 "
+                                   "--start 0 --end 200 --Mode greedy --M 1024 --growmap ./growmaps/68m_7b-64.pt "
+                                   "--dataset cnn",
+    # test_llava.py's original command needs a LLaVA pair: tests/test_llava.py runs it on tiny saved LLaVA models
 }
 ORIGINAL_FLAGS = ("--model", "--target", "--dataset", "--growmap", "--start", "--end", "--T", "--P", "--DP", "--M",
                   "--Mode", "--B", "--W", "--D", "--decay", "--negative", "--static", "--offloading")
@@ -64,12 +66,31 @@ def results_of(stdout: str) -> dict:
     return json.loads(path.read_text())
 
 
+def tiny_follower_table(target: str, folder: Path) -> str:
+    """A follower table for the tiny target (no table is shipped for it), counted over the built-in prompts."""
+    from utils.commonsense.table import count_followers, prompt_pairs, save_tensor, target_vocab_size
+    from utils.models import load_tokenizer
+
+    pairs, source = prompt_pairs("builtin", load_tokenizer(target), 0, 12)
+    path = folder / "followers.pt"
+    save_tensor(count_followers(pairs, target_vocab_size(target), 12), path, {"source": source})
+    return str(path)
+
+
 @pytest.mark.parametrize("script", ORIGINAL_COMMANDS)
 def test_original_command_runs_on_tiny_models(script, tiny_model_dirs, tmp_path, capsys, monkeypatch):
     argv = with_tiny_models(shlex.split(ORIGINAL_COMMANDS[script]), tiny_model_dirs, tmp_path)
+    if script == "test_greedyS_commonsense.py":
+        argv += ["--followers", tiny_follower_table(tiny_model_dirs["target"], tmp_path)]
     code, out, err = run(script, argv, capsys, monkeypatch)
     assert code == 0, err[-2000:]
     summary = results_of(out)
+    if script == "test_greedyS_commonsense.py":  # one file over the side-by-side runs, each with its own results
+        assert summary["flags"]["M"] == 1024 and [run["run"] for run in summary["runs"]][:3] == [
+            "plain", "substitute", "augment"]
+        summary = json.loads(Path(summary["runs"][0]["results"]).read_text())
+        assert summary["prompts"] == 2 and summary["new_tokens"] > 0
+        return
     assert summary["prompts"] == 2 and summary["flags"]["M"] == 1024 and summary["flags"]["T"] == 0.6
     if script != "test_greedyS_logit.py":
         assert summary["new_tokens"] > 0 and summary["mean_accepted_tokens"] >= 1.0
@@ -85,7 +106,10 @@ def test_original_command_with_hub_unreachable_says_what_to_pass(script, tmp_pat
     code, out, err = run(script, argv, capsys, monkeypatch)
     errors = [line for line in err.splitlines() if not line.startswith("note: ")]
     assert code == 2 and len(errors) == 1, err
-    assert "meta-llama/Llama-2-13b-hf" in errors[0] and "pass a local folder or .gguf file" in errors[0]
+    assert "meta-llama/Llama-2-13b-hf" in errors[0]
+    # the common-sense script first needs a follower table for that target (none is shipped), before any download
+    wanted = "pass --followers" if script == "test_greedyS_commonsense.py" else "pass a local folder or .gguf file"
+    assert wanted in errors[0]
 
 
 @pytest.mark.parametrize("script", [*ORIGINAL_COMMANDS, "utils/bench/compare.py"])
