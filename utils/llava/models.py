@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from utils.errors import UserError
-from utils.models import _from_hub_or_folder, cache_dir, is_feature_draft, resolve_model_path
+from utils.models import (_from_hub_or_folder, cache_dir, folder_written_whole, is_feature_draft,
+                          resolve_model_path)
 
 LLAVA_TYPE = "llava"
 UNTRAINED_NOTE = "untrained vision tower: the image content is ignored"
@@ -75,9 +75,7 @@ def build_default_llava(out_dir: Path) -> None:
 
     source = resolve_model_path(None)
     text_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    with folder_written_whole(out_dir) as tmp:
         tokenizer = _rename_token(AutoTokenizer.from_pretrained(source), DEFAULT_IMAGE_TOKEN_ID, "<image>",
                                   tmp / "tokenizer")
         side = DEFAULT_VISION["image_size"]
@@ -99,12 +97,6 @@ def build_default_llava(out_dir: Path) -> None:
         processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(f"{UNTRAINED_NOTE}: SmolLM2-135M-Instruct with a random CLIP vision tower "
                                        "and projector, built by utils/llava/models.py for offline runs.\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_llava_dir() -> Path:
