@@ -3,7 +3,6 @@ device/dtype resolution."""
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from engine.verifiers import SAMPLED_CHILDREN, VERIFIERS
 from utils.config import DEFAULTS, DTYPES, MODES, tree_limits
 from utils.data import TURNS
 from utils.errors import UserError
+from utils.flag_types import finite_float
 from utils.run_log import check_writable
 from utils.original_flags import add_original_flags, validate_original_flags
 
@@ -39,17 +39,6 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(EXIT_BAD_INPUT)
-
-
-def finite_float(text: str) -> float:
-    """argparse type for real-valued flags: nan and inf are refused at parse time (as one line, exit 2)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
 
 
 def add_model_flags(parser: argparse.ArgumentParser, with_draft: bool = True, target_help: str | None = None,

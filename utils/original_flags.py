@@ -27,6 +27,7 @@ import sys
 
 from utils.config import DEFAULTS
 from utils.errors import UserError
+from utils.flag_types import finite_float
 
 NEGATIVE = "the original project declared it but never read it, so it changes nothing"
 STATIC_SHAPE = "static trees take their shape from --growmap"
@@ -36,7 +37,6 @@ TOP_K_CHILDREN = "children are the draft's top-k; only --verify specinfer at --T
 def add_original_flags(parser: argparse.ArgumentParser) -> None:
     """--growmap --DP --B --W --D --decay --negative --static, each with its default in --help (--offloading is
     `utils.cli.add_offload_flags`)."""
-    from utils.cli import finite_float  # utils.cli imports this module at its top
 
     parser.add_argument("--growmap", default=DEFAULTS.growmap,
                         help="static tree shape (.pt growmap file); the dynamic tree's default --B and --D are its "
