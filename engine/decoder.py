@@ -2,6 +2,7 @@
 same TreeModel engine. Nothing here knows about tokenizers: prompts and outputs are token ids."""
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,6 +101,7 @@ def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[i
     started = time.perf_counter()
     committed = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     drafter.reset(draft_prefix)
+    verify_step = verifier if callable(verifier) else functools.partial(verify, verifier)
     features = drafter.uses_target_features
     if len(prompt_ids) > 1:
         prefill = append_tokens(target, committed[:-1], 0, last_logits=False, return_hidden=features,
@@ -120,10 +122,7 @@ def speculative_generate(target: TreeModel, drafter: Drafter, prompt_ids: list[i
                                 hidden_layers=drafter.target_layers)
         if features:
             logits, hidden = logits
-        if callable(verifier):
-            verdict = verifier(tree, logits, sampling, generator)
-        else:
-            verdict = verify(verifier, tree, logits, sampling, generator)
+        verdict = verify_step(tree, logits, sampling, generator)
         timer.lap("verification")
         kept = torch.tensor([0] + verdict.path, device=device)
         target.cache.keep(root_slot + kept, root_slot)
