@@ -8,6 +8,9 @@
           linears (torch/_inductor/fx_passes/mkldnn_fusion.py), without compiling the model. float32
           everywhere oneDNN runs; bfloat16 only where oneDNN has a bfloat16 path (AVX512-BF16, AMX,
           AVX-NE-CONVERT).
+"gguf"    float32 only: each linear whose weights came from a GGUF file's Q4_1/Q8_0 blocks keeps the blocks
+          and runs engine/gguf_blocks.py's kernel (a quarter of the bytes per weight read, the same weights);
+          the layers not found in the file take "onednn" where it runs, else "plain".
 
 A path changes how the products are summed, never what is summed: outputs agree with the plain path to
 rounding. Exactness of greedy decoding holds within one path (the target's autoregressive reference and its
@@ -22,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LINEAR_PATHS = ("plain", "onednn")
+from engine.gguf_blocks import BlockLinear, BlockMatmul, BlockWeight
+
+LINEAR_PATHS = ("plain", "onednn", "gguf")
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ def path_available(path: str, dtype: torch.dtype, device: torch.device | str) ->
     since oneDNN's bfloat16 support depends on the CPU (and on ONEDNN_MAX_CPU_ISA)."""
     if path == "plain":
         return True
+    if path == "gguf":  # whether the kernel was built here is the caller's to know (utils/native_kernels.py)
+        return dtype == torch.float32 and torch.device(device).type == "cpu"
     if path != "onednn" or torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if dtype not in (torch.float32, torch.bfloat16):
@@ -77,9 +84,12 @@ def path_available(path: str, dtype: torch.dtype, device: torch.device | str) ->
     return True
 
 
-def apply_linear_path(module: nn.Module, path: str) -> int:
+def apply_linear_path(module: nn.Module, path: str,
+                      gguf: tuple[dict[nn.Linear, BlockWeight], BlockMatmul] | None = None) -> int:
     """Swap every `nn.Linear` under `module` for `path`'s kernel, in place; returns how many were swapped
-    (0 for "plain"). Raises ValueError for a path that is unknown or unavailable for the module's dtype."""
+    (0 for "plain"). "gguf" needs `gguf` = (the linears found in a GGUF file with their blocks, the compiled
+    kernel); the others take "onednn" where it runs. Raises ValueError for a path that is unknown or unavailable
+    for the module's dtype."""
     if path not in LINEAR_PATHS:
         raise ValueError(f"unknown linear path {path!r}: one of {', '.join(LINEAR_PATHS)}")
     if path == "plain":
@@ -87,10 +97,14 @@ def apply_linear_path(module: nn.Module, path: str) -> int:
     first = next(module.parameters())
     if not path_available(path, first.dtype, first.device):
         raise ValueError(f"linear path {path!r} cannot run {first.dtype} on {first.device} here")
+    if path == "gguf" and gguf is None:
+        raise ValueError("linear path 'gguf' needs the layers' GGUF blocks and the compiled kernel")
+    found, matmul = gguf or ({}, None)
+    packed = path == "onednn" or path_available("onednn", first.dtype, first.device)
     swaps = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
-             if type(child) is nn.Linear]
+             if type(child) is nn.Linear and (child in found or packed)]
     for parent, name, child in swaps:
-        setattr(parent, name, OneDNNLinear(child))
+        setattr(parent, name, BlockLinear(child, found[child], matmul) if child in found else OneDNNLinear(child))
     return len(swaps)
 
 
@@ -99,9 +113,10 @@ def plain_copy(module: nn.Module) -> nn.Module:
     weight is copied): what code outside the engine (transformers' generate) should run."""
     memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
     memo.update({id(m.packed): None for m in module.modules() if isinstance(m, OneDNNLinear)})
+    memo.update({id(m.blocks): None for m in module.modules() if isinstance(m, BlockLinear)})
     twin = copy.deepcopy(module, memo)
     swaps = [(parent, name, child) for parent in twin.modules() for name, child in parent.named_children()
-             if isinstance(child, OneDNNLinear)]
+             if isinstance(child, (OneDNNLinear, BlockLinear))]
     for parent, name, child in swaps:
         plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
                           device="meta", dtype=child.weight.dtype)

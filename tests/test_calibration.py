@@ -33,7 +33,7 @@ def calls(monkeypatch, tmp_path):
                 None if draft is None else {p.label: DRAFT_MS[p.label] for p in plans})
 
     monkeypatch.setenv("TREESPEC_CACHE", str(tmp_path))
-    monkeypatch.setattr(C, "candidates", lambda device: PLANS)
+    monkeypatch.setattr(C, "candidates", lambda device, target: PLANS)
     monkeypatch.setattr(C, "measure_pair", fake_measure)
     return log
 
@@ -101,6 +101,19 @@ def test_baseline_needs_no_draft_and_a_fixed_plan_no_measurement(calls, tiny_mod
     assert fixed.record["calibrated"] is False and len(calls) == 1
     restricted = _choose(tiny_model_dirs, dtype="float32")
     assert restricted.draft == KernelPlan(torch.float32, "onednn")
+
+
+def test_gguf_path_is_offered_only_for_a_gguf_target(tiny_model_dirs, monkeypatch):
+    from utils.calibration.measure import candidates
+    from utils.errors import UserError
+
+    labels = [plan.label for plan in candidates("cpu", tiny_model_dirs["target"])]
+    assert "float32/plain" in labels and "float32/gguf" not in labels  # a folder of float32 weights
+    with pytest.raises(UserError, match="--kernel gguf cannot run.*not a GGUF file"):
+        _choose(tiny_model_dirs, kernel="gguf")
+    monkeypatch.setattr(C, "gguf_path_unavailable", lambda target: None)
+    monkeypatch.setattr(C, "candidates", lambda device, target: PLANS + [KernelPlan(torch.float32, "gguf")])
+    assert C._allowed(_args(tiny_model_dirs, kernel="gguf"), "cpu") == [KernelPlan(torch.float32, "gguf")]
 
 
 def test_estimate_interpolates_and_extrapolates():

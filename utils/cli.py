@@ -121,7 +121,8 @@ def add_lookup_flags(parser: argparse.ArgumentParser) -> None:
                         help="prompt lookup: graft up to this many tokens copied from the context (after the latest "
                              "earlier occurrence of its last n-gram) onto each tree as one more branch; 0 = off. "
                              "Exact at T = 0, lossless with --verify match; specinfer cannot take it "
-                             f"(default: {DEFAULTS.lookup}, and 0 with --verify specinfer at T > 0)")
+                             f"(default: {DEFAULTS.lookup} on a GPU, {DEFAULTS.lookup_cpu} on a CPU, where every "
+                             "verified row costs; 0 with --verify specinfer at T > 0)")
     parser.add_argument("--lookup-ngram", type=int, default=DEFAULTS.lookup_ngram,
                         help="prompt lookup: longest n-gram matched (tried from this n down to 1)")
 
@@ -211,10 +212,12 @@ def validate_common(args: argparse.Namespace) -> None:
         raise UserError(f"--prompt-len must be >= 1, got {args.prompt_len}")
     if getattr(args, "max_new_tokens", 1) < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    args.device = resolve_device(args.device)
     if hasattr(args, "lookup"):
         specinfer = args.T > 0 and args.verify == "specinfer" and getattr(args, "Mode", None) != "baseline"
         if args.lookup is None:
-            args.lookup = 0 if specinfer else DEFAULTS.lookup
+            cpu = torch.device(args.device).type == "cpu"
+            args.lookup = 0 if specinfer else DEFAULTS.lookup_cpu if cpu else DEFAULTS.lookup
         if args.lookup < 0 or args.lookup_ngram < 1:
             raise UserError(f"--lookup must be >= 0 and --lookup-ngram >= 1, got {args.lookup} and {args.lookup_ngram}")
         if args.lookup and specinfer:
@@ -222,7 +225,6 @@ def validate_common(args: argparse.Namespace) -> None:
                             "take: use --verify match, or --lookup 0")
     if hasattr(args, "DP"):
         validate_original_flags(args)
-    args.device = resolve_device(args.device)
     if getattr(args, "results_dir", None) and not getattr(args, "resume", None):  # a resumed run writes where it began
         check_writable(args.results_dir)  # before any model loads, so a long run cannot fail at its end
 

@@ -61,7 +61,8 @@ class RunDefaults:
     W: int = 8                          # dynamic tree: children per expanded node and nodes expanded per level
     D: int = DEFAULT_SHAPE[1]           # dynamic tree: depth limit, the default growmap's depth
     score: str = "logprob"              # dynamic tree: logprob (EAGLE-2) or original (depth-weighted logits)
-    lookup: int = 10                    # prompt lookup: copied tokens grafted onto each tree (0 = off)
+    lookup: int = 10                    # prompt lookup: copied tokens grafted onto each tree (0 = off), on a GPU
+    lookup_cpu: int = 3                 # the same on a CPU, where each verified row costs ~10% of a step (README)
     lookup_ngram: int = 3               # prompt lookup: longest n-gram matched
     DP: float | None = None             # draft top-p for sampled children; None = --P (utils/original_flags.py)
     decay: float = ORIGINAL_DEPTH_DECAY  # dynamic tree, --score original: weight 1 - decay * depth
@@ -87,4 +88,4 @@ class RunDefaults:
 DEFAULTS = RunDefaults()
 MODES = ("greedy", "baseline", "benchmark")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KERNELS = ("auto", "plain", "onednn")  # engine/linear_paths.py LINEAR_PATHS, and auto
+KERNELS = ("auto", "plain", "onednn", "gguf")  # engine/linear_paths.py LINEAR_PATHS, and auto

@@ -20,6 +20,7 @@ from engine.prompt_lookup import with_prompt_lookup
 from engine.sampling import Sampling
 from utils.data import Prompt, next_turn
 from utils.errors import UserError
+from utils.gguf_weights import gguf_linears
 from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, is_feature_draft, layer_placement,
                           load_draft_vocab, load_feature_net, load_hf_model, load_tokenizer, resolve_model_path)
 from utils.report import wall_clock
@@ -75,6 +76,12 @@ def eos_ids_of(tokenizer, hf_model) -> set[int]:
     return ids
 
 
+def use_linear_path(module: torch.nn.Module, path: str, target_spec: str | None) -> None:
+    """`apply_linear_path`, with the target's GGUF blocks looked up for the "gguf" path (a draft's head may be
+    the target's embedding)."""
+    apply_linear_path(module, path, gguf_linears(target_spec)(module) if path == "gguf" else None)
+
+
 def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dtype: torch.dtype, device: str,
                max_len: int, linear_path: str = "plain") -> tuple[str, TreeModel]:
     """A draft for an already loaded target (full or subset vocabulary), as (name, TreeModel), its linear
@@ -91,11 +98,11 @@ def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dty
         from engine.feature_draft import FeatureDraftModel
 
         net, head_ids = load_feature_net(resolve_model_path(name), target.hf_model, dtype)
-        apply_linear_path(net.to(device), linear_path)
+        use_linear_path(net.to(device), linear_path, target_spec)
         return name, FeatureDraftModel(net.to(device), max_len, None if head_ids is None else torch.tensor(head_ids))
     vocab = load_draft_vocab(name)
     hf_model = load_hf_model(name, dtype, device)
-    apply_linear_path(hf_model, linear_path)
+    use_linear_path(hf_model, linear_path, target_spec)
     if vocab is None:
         check_vocab_match(hf_model.lm_head.out_features, target.vocab_size, name, target_name)
         return name, TreeModel(hf_model, max_len)
@@ -116,7 +123,7 @@ def load_pair(target: str | None, draft: str | None, need_draft: bool, dtype: to
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
     target_hf = (load_target or load_hf_model)(target, target_plan.dtype, device)
     if load_target is None:
-        apply_linear_path(target_hf, target_plan.linear_path)
+        use_linear_path(target_hf, target_plan.linear_path, target)
     target_model = TreeModel(target_hf, max_len)
     draft_name, draft_model = (load_draft(draft, target, target_model, draft_plan.dtype, device, max_len,
                                           draft_plan.linear_path) if need_draft else (None, None))

@@ -92,6 +92,15 @@ def converted_gguf_dir(gguf_path: Path) -> Path:
     return out_dir
 
 
+def gguf_source(spec: str | None) -> Path | None:
+    """The GGUF file a --target/--model value is converted from (the embedded default's, or a .gguf path),
+    None for a folder or hub id."""
+    if spec is None or spec == DEFAULT_TARGET:
+        return default_target_gguf()
+    path = Path(spec).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def resolve_model_path(spec: str | None) -> str:
     """Turn a --target/--model value into something `from_pretrained` accepts.
 

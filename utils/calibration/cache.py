@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from utils.models import cache_dir
+from utils.native_kernels import gguf_kernel_version
 from utils.report import write_json
 
-FORMAT = 1  # bump when the measurement changes meaning: older files are then recalibrated
+FORMAT = 2  # bump when the measurement changes meaning: older files are then recalibrated
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 ISA_OVERRIDES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
@@ -42,7 +43,8 @@ def machine_key() -> dict:
     return {"format": FORMAT, "cpu": model, "isa": flags,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "isa_overrides": {name: os.environ[name] for name in ISA_OVERRIDES if name in os.environ},
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "gguf_kernel": gguf_kernel_version()}
 
 
 def profile_path(key: dict, folder: Path | None = None) -> Path:

@@ -15,6 +15,7 @@ from utils.calibration.measure import CALIBRATION_ROWS, candidates, measure_pair
 from utils.config import DEFAULTS, KERNELS
 from utils.errors import UserError
 from utils.experiment import KernelChoice
+from utils.gguf_weights import gguf_path_unavailable
 from utils.models import default_draft_for, resolve_model_path
 
 CATCH_UP_ROWS = 3  # tokens a draft runs again after each step (about the accepted tokens per step)
@@ -22,7 +23,8 @@ CATCH_UP_ROWS = 3  # tokens a draft runs again after each step (about the accept
 
 def add_calibration_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", default=DEFAULTS.kernel, choices=KERNELS,
-                        help="linear-layer kernels: plain torch, onednn (weights packed once), or auto = the "
+                        help="linear-layer kernels: plain torch, onednn (weights packed once), gguf (float32 "
+                             "products over a GGUF target's own quantized blocks, AVX2 CPUs), or auto = the "
                              "fastest measured on this machine (with --dtype auto, per model)")
     parser.add_argument("--recalibrate", action="store_true",
                         help="measure this machine's dtype/kernel profile again (otherwise measured once and cached)")
@@ -57,11 +59,13 @@ def step_costs(entry: dict, step_rows: list[int], allowed: list[str]) -> dict[st
 def _allowed(args: argparse.Namespace, device: str) -> list[KernelPlan]:
     dtypes = None if args.dtype == "auto" else [getattr(torch, args.dtype)]
     paths = LINEAR_PATHS if args.kernel == "auto" else (args.kernel,)
-    plans = [plan for plan in candidates(device)
+    plans = [plan for plan in candidates(device, args.target)
              if (dtypes is None or plan.dtype in dtypes) and plan.linear_path in paths]
     if not plans:
-        raise UserError(f"--kernel {args.kernel} cannot run --dtype {args.dtype} on this machine "
-                        f"(oneDNN bfloat16 needs AVX512-BF16, AMX or AVX-NE-CONVERT): pass --kernel plain")
+        why = (gguf_path_unavailable(args.target) or "it runs float32 only") if args.kernel == "gguf" else \
+            "oneDNN bfloat16 needs AVX512-BF16, AMX or AVX-NE-CONVERT"
+        raise UserError(f"--kernel {args.kernel} cannot run --dtype {args.dtype} on this machine ({why}): "
+                        f"pass --kernel plain")
     return plans
 
 
@@ -107,7 +111,7 @@ def load_profile(args: argparse.Namespace, need_draft: bool) -> Profile:
     if missing:
         if status == "invalid":
             _note(f"calibration: {path} is unreadable or from another setup; measuring again")
-        plans = candidates(args.device)
+        plans = candidates(args.device, args.target)
         _note(f"calibration: timing {' and '.join(missing)} forwards of {len(CALIBRATION_ROWS)} sizes in "
               f"{len(plans)} dtype/kernel paths (once per machine; cached in {path})")
         target_ms, draft_ms = measure_pair(args.target, draft_spec if "draft" in missing else None, args.device, plans)

@@ -8,6 +8,7 @@ import torch
 from engine.drafters import append_tokens
 from engine.linear_paths import LINEAR_PATHS, KernelPlan, path_available
 from engine.tree_mask import ancestor_mask_from_parents, tree_attention_mask
+from utils.gguf_weights import gguf_path_unavailable
 
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32)  # tokens per forward: the autoregressive step up to large trees
 CALIBRATION_DTYPES = (torch.float32, torch.bfloat16)
@@ -15,10 +16,12 @@ PREFIX = 128  # cached tokens before the timed forwards (the default prompt leng
 REPEATS = 3
 
 
-def candidates(device: str) -> list[KernelPlan]:
-    """Every dtype/kernel path this machine can run on `device`."""
+def candidates(device: str, target: str | None) -> list[KernelPlan]:
+    """Every dtype/kernel path this machine can run on `device` for `target` ("gguf" needs a GGUF target and
+    the compiled kernel)."""
+    gguf = gguf_path_unavailable(target) is None
     return [KernelPlan(dtype, path) for dtype in CALIBRATION_DTYPES for path in LINEAR_PATHS
-            if path_available(path, dtype, device)]
+            if path_available(path, dtype, device) and (path != "gguf" or gguf)]
 
 
 def chain_inputs(rows: int, prefix: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -122,8 +122,8 @@ def _add_latency_command(commands) -> None:
     sub.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the random trees and tokens")
     sub.add_argument("--kernel", choices=LINEAR_PATHS, default=LINEAR_PATHS[0],
-                     help="linear-layer kernels of both models: plain torch, or onednn (weights packed once; "
-                          "engine/linear_paths.py); default plain")
+                     help="linear-layer kernels of both models: plain torch, onednn (weights packed once) or gguf "
+                          "(float32 over a GGUF target's 4-bit blocks; engine/linear_paths.py); default plain")
     sub.add_argument("-o", "--output", required=True, help="latency profile to write (.json)")
     add_offload_flags(sub)  # a profile of the offloaded target, for search --latency
 

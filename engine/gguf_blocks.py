@@ -1,0 +1,124 @@
+"""Linear layers whose weights stay in a GGUF file's quantized blocks, multiplied in float32.
+
+The embedded default target is a GGUF file (Q4_1 layers, a Q8_0 embedding); the plain path runs it as the
+float32 weights its blocks dequantize to, reading 4 bytes per weight. `BlockLinear` keeps the blocks instead
+(0.75 bytes per weight for Q4_1, 1.06 for Q8_0), dequantizes one group of weight rows at a time into the CPU's
+cache and multiplies in float32 FMA registers (llama.cpp's idea, with float32 activations): the weights are
+the same numbers, only the summation order differs from the plain path. The kernel sums each output in one
+fixed order whatever the number of rows, so a row's result does not depend on the rows beside it: tree
+verification and the autoregressive reference agree bit for bit.
+
+The kernel itself (engine/gguf_blocks.c) is compiled and loaded by utils/native_kernels.py and handed in as a
+`BlockMatmul`; everything here is plain torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK = 32  # weights per GGUF block, both formats
+# format -> (kernel id, bytes per block in the file, bytes of quantized values per block)
+FORMATS = {"Q4_1": (0, 20, 16), "Q8_0": (1, 34, 32)}
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    """One weight matrix [out_features, in_features] in blocks of 32 along each row.
+
+    Q4_1: weight = scale * q + min (q in 0..15; byte j of a block holds q_j in its low nibble and q_{j+16} in
+    its high one); Q8_0: weight = q * scale (q int8). `scales`/`mins` [out, in / 32] float32 (`mins` empty for
+    Q8_0), `quants` [out, in / 32 * (16 or 32)] uint8.
+    """
+
+    format: str
+    scales: torch.Tensor
+    mins: torch.Tensor
+    quants: torch.Tensor
+
+    @property
+    def out_features(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.scales.shape[1] * BLOCK
+
+    def rows(self, index: torch.Tensor) -> BlockWeight:
+        """The weight rows `index` [r] long, in that order (a row subset, or a permutation)."""
+        mins = self.mins[index] if self.mins.numel() else self.mins
+        return BlockWeight(self.format, self.scales[index].contiguous(), mins.contiguous(),
+                           self.quants[index].contiguous())
+
+
+    def block_columns(self, blocks: tuple[int, ...]) -> BlockWeight:
+        """Only the blocks numbered `blocks` of every row (negative counts from the end), side by side."""
+        index = torch.tensor(blocks) % self.scales.shape[1]
+        per_block = self.quants.shape[1] // self.scales.shape[1]
+        quants = self.quants.reshape(self.out_features, -1, per_block)[:, index].reshape(self.out_features, -1)
+        mins = self.mins[:, index] if self.mins.numel() else self.mins
+        return BlockWeight(self.format, self.scales[:, index].contiguous(), mins.contiguous(), quants.contiguous())
+
+
+def split_blocks(raw: torch.Tensor, fmt: str) -> BlockWeight:
+    """A GGUF tensor's bytes [out, bytes per row] uint8 -> BlockWeight (scales and mins widened from float16,
+    which is exact)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"GGUF block format {fmt} has no kernel here: one of {', '.join(FORMATS)}")
+    _, block_bytes, quant_bytes = FORMATS[fmt]
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, block_bytes)
+    scales = blocks[..., 0:2].contiguous().view(torch.float16).float().reshape(rows, -1)
+    if fmt == "Q4_1":
+        mins = blocks[..., 2:4].contiguous().view(torch.float16).float().reshape(rows, -1)
+    else:
+        mins = torch.empty(0)
+    quants = blocks[..., block_bytes - quant_bytes:].reshape(rows, -1).contiguous()
+    return BlockWeight(fmt, scales.contiguous(), mins.contiguous(), quants)
+
+
+def dequantize(weight: BlockWeight) -> torch.Tensor:
+    """[out, in] float32: the numbers the blocks stand for, rounded as gguf-py's dequantizer rounds them
+    (scale * q, then + min), which is what transformers loads."""
+    rows, blocks = weight.scales.shape
+    if weight.format == "Q4_1":
+        packed = weight.quants.reshape(rows, blocks, 16)
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1).float()
+        values = weight.scales[..., None] * q + weight.mins[..., None]
+    else:
+        q = weight.quants.reshape(rows, blocks, BLOCK).view(torch.int8).float()
+        values = q * weight.scales[..., None]
+    return values.reshape(rows, blocks * BLOCK)
+
+
+# (kernel id, x [M, K] float32, weight, out [M, N] float32) -> None: the compiled kernel's call
+BlockMatmul = Callable[[int, torch.Tensor, BlockWeight, torch.Tensor], None]
+
+
+class BlockLinear(nn.Module):
+    """`nn.Linear`'s call over a BlockWeight. Keeps the original float32 `weight` (shared, no copy) for code
+    that reads it, and runs `F.linear` on it for inputs the kernel does not take (another dtype or device,
+    autograd)."""
+
+    def __init__(self, linear: nn.Linear, blocks: BlockWeight, matmul: BlockMatmul) -> None:
+        super().__init__()
+        if (blocks.out_features, blocks.in_features) != (linear.out_features, linear.in_features):
+            raise ValueError(f"blocks of shape {blocks.out_features}x{blocks.in_features} for a linear layer of "
+                             f"{linear.out_features}x{linear.in_features}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.blocks, self.matmul = blocks, matmul
+        self.kernel_id = FORMATS[blocks.format][0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = torch.empty(rows.shape[0], self.out_features)
+        self.matmul(self.kernel_id, rows, self.blocks, out)
+        if self.bias is not None:
+            out += self.bias.detach()
+        return out.reshape(*x.shape[:-1], self.out_features)

@@ -1,0 +1,181 @@
+"""The "gguf" linear path: GGUF Q4_1/Q8_0 blocks read as transformers reads them, found row by row under a
+model's float32 linears, and the compiled kernel's products equal to the plain ones to rounding, each row's
+result independent of the rows beside it, and greedy speculative output equal to the path's own
+autoregressive output."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+from torch import nn
+
+from engine import growmap as G
+from engine.decoder import autoregressive_generate, speculative_generate
+from engine.drafters import StaticTreeDrafter
+from engine.gguf_blocks import BlockLinear, BlockWeight, dequantize, split_blocks
+from engine.linear_paths import apply_linear_path, plain_copy
+from engine.sampling import Sampling
+from tests.tiny_models import random_prompt, tiny_llama, tree_model
+from utils import native_kernels
+from utils.errors import UserError
+from utils.gguf_weights import GgufBlocks, read_gguf_matrices
+
+VOCAB = 128
+GREEDY = Sampling(0.0, 1.0)
+FORMATS = ["Q4_1", "Q8_0"]
+
+
+def quantized(rows: int, width: int, fmt: str, seed: int = 0) -> tuple[torch.Tensor, BlockWeight]:
+    """(gguf-py's dequantized float32 [rows, width], the same tensor as BlockWeight) of random weights."""
+    values = np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
+    raw = gguf_quantize(values, GGMLQuantizationType[fmt])
+    reference = torch.from_numpy(gguf_dequantize(raw, GGMLQuantizationType[fmt]).reshape(rows, width).copy())
+    return reference, split_blocks(torch.from_numpy(raw.copy()), fmt)
+
+
+def kernel():
+    build = native_kernels.blocks_kernel()
+    if build.matmul is None:
+        pytest.skip(f"the gguf kernel cannot run here: {build.why}")
+    return build.matmul
+
+
+def quantize_linears(model: nn.Module, fmt: str = "Q4_1") -> GgufBlocks:
+    """Quantize every linear of a tiny model in place (its weights become the dequantized values, as a GGUF
+    target loaded by transformers), returning the blocks as a GGUF file would hold them."""
+    tensors = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear and name not in tensors:
+                reference, blocks = quantized(module.out_features, module.in_features, fmt, seed=len(tensors))
+                module.weight.copy_(reference)
+                tensors[name] = blocks
+    return GgufBlocks(tensors)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_equals_gguf_py_bit_for_bit(fmt):
+    reference, blocks = quantized(7, 96, fmt)
+    assert torch.equal(dequantize(blocks), reference)
+    assert (blocks.out_features, blocks.in_features) == (7, 96)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_kernel_matches_plain_and_each_row_is_independent_of_the_others(fmt):
+    matmul = kernel()
+    reference, blocks = quantized(13, 160, fmt)  # 13 rows: a group of 4 left incomplete
+    linear = nn.Linear(160, 13, bias=False)
+    linear.weight.data.copy_(reference)
+    layer = BlockLinear(linear, blocks, matmul)
+    x = torch.randn(8, 160, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        together = layer(x)
+        assert torch.allclose(together, x @ reference.T, atol=1e-4, rtol=1e-5)
+        for rows in (1, 2, 3, 4, 5, 7):  # the 3-row tile, its remainder and the 1-row loop
+            assert torch.equal(layer(x[:rows]), together[:rows])
+        assert torch.equal(layer(x[5:6]), together[5:6])
+        assert torch.equal(layer(x.reshape(2, 4, 160)).reshape(8, 13), together)
+    with torch.enable_grad():  # autograd takes the plain path
+        assert torch.allclose(layer(x), x @ reference.T, atol=1e-5)
+
+
+def test_find_rows_by_their_bits_permuted_subset_or_refused():
+    reference, blocks = quantized(10, 64, "Q4_1")
+    found = GgufBlocks({"w": blocks})
+    permuted = torch.tensor([3, 1, 2, 0, 9, 8, 7, 6, 5, 4])
+    assert found.find(reference).format == "Q4_1"
+    assert torch.equal(dequantize(found.find(reference[permuted])), reference[permuted])
+    assert torch.equal(dequantize(found.find(reference[[4, 2]])), reference[[4, 2]])
+    changed = reference.clone()
+    changed[3, 5] += 1e-3
+    assert found.find(changed) is None
+    assert found.find(reference.bfloat16()) is None
+    assert found.find(torch.randn(10, 48)) is None  # a width with no blocks
+
+
+def test_gguf_path_logits_and_greedy_speculative_equal_its_reference():
+    matmul = kernel()
+    target_hf = tiny_llama(seed=0, vocab=VOCAB, tied=True)
+    draft_hf = tiny_llama(seed=1, vocab=VOCAB, layers=1)
+    target_blocks, draft_blocks = quantize_linears(target_hf), quantize_linears(draft_hf, "Q8_0")
+    plain = tree_model(plain_copy(target_hf))
+    assert apply_linear_path(target_hf, "gguf", (target_blocks.linears_found(target_hf), matmul)) == 2 * 7 + 1
+    assert sum(isinstance(m, BlockLinear) for m in target_hf.modules()) == 2 * 7 + 1
+    apply_linear_path(draft_hf, "gguf", (draft_blocks.linears_found(draft_hf), matmul))
+    target, draft = tree_model(target_hf), tree_model(draft_hf)
+    prompt = torch.tensor(random_prompt(12, VOCAB, seed=1))
+    slots = torch.arange(12)
+    mask = torch.ones(12, 12, dtype=torch.bool).tril()
+    assert torch.allclose(target.forward(prompt, slots, slots, mask), plain.forward(prompt, slots, slots, mask),
+                          atol=1e-4)
+    drafter = StaticTreeDrafter(draft, G.kary_tree(2, 3), GREEDY, sample_children=False)
+    for seed in (3, 4):
+        prompt = random_prompt(17, VOCAB, seed=seed)
+        reference = autoregressive_generate(target, prompt, 40, set(), GREEDY, torch.Generator())
+        result = speculative_generate(target, drafter, prompt, 40, set(), GREEDY, "greedy", torch.Generator())
+        assert result.output_ids == reference.output_ids
+        assert len(result.accepted_per_step) < 40
+
+
+def test_gguf_path_needs_its_blocks_and_float32():
+    model = tiny_llama(seed=0, vocab=VOCAB)
+    with pytest.raises(ValueError, match="needs the layers' GGUF blocks"):
+        apply_linear_path(model, "gguf")
+    with pytest.raises(ValueError, match="cannot run"):
+        apply_linear_path(model.to(torch.bfloat16), "gguf", ({}, None))
+
+
+def test_kernel_unavailable_says_why(monkeypatch):
+    native_kernels.blocks_kernel.cache_clear()
+    try:
+        monkeypatch.setattr(native_kernels, "cpu_flags", lambda: {"sse2"})
+        build = native_kernels.blocks_kernel()
+        assert build.matmul is None and "avx2" in build.why
+        native_kernels.blocks_kernel.cache_clear()
+        monkeypatch.setattr(native_kernels, "cpu_flags", lambda: set(native_kernels.NEEDED_ISA))
+        monkeypatch.setattr(native_kernels, "_compiler", lambda: None)
+        assert "no C compiler" in native_kernels.blocks_kernel().why
+    finally:
+        native_kernels.blocks_kernel.cache_clear()
+
+
+def test_header_reader_agrees_with_gguf_py(tmp_path):
+    from gguf import GGUFReader, GGUFWriter
+
+    path = tmp_path / "tiny.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"] * 50)  # string arrays, as a tokenizer's
+    writer.add_array("some.numbers", [1, 2, 3])
+    writer.add_uint32("some.count", 7)
+    expected = {}
+    for name, fmt, shape in (("blk.0.attn_q.weight", "Q4_1", (5, 64)), ("token_embd.weight", "Q8_0", (3, 96))):
+        values = np.random.default_rng(len(expected)).standard_normal(shape).astype(np.float32)
+        raw = gguf_quantize(values, GGMLQuantizationType[fmt])
+        writer.add_tensor(name, raw, raw_dtype=GGMLQuantizationType[fmt])
+        expected[name] = (fmt, raw)
+    writer.add_tensor("norm.weight", np.ones(64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    matrices = read_gguf_matrices(path)
+    assert set(matrices) == set(expected)  # the 1-D float32 tensor is not a block matrix
+    for tensor in GGUFReader(str(path)).tensors:
+        if tensor.name in expected:
+            assert matrices[tensor.name][0] == expected[tensor.name][0]
+            assert np.array_equal(matrices[tensor.name][1], np.asarray(tensor.data))
+            assert np.array_equal(matrices[tensor.name][1], expected[tensor.name][1])
+    blocks = GgufBlocks.read(path)
+    assert torch.equal(dequantize(blocks.tensors["token_embd.weight"]),
+                       torch.from_numpy(gguf_dequantize(expected["token_embd.weight"][1],
+                                                        GGMLQuantizationType.Q8_0).reshape(3, 96).copy()))
+
+
+def test_not_a_gguf_file_is_a_user_error(tmp_path):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"not a gguf file at all, no")
+    with pytest.raises(UserError, match="not a GGUF file"):
+        read_gguf_matrices(path)
