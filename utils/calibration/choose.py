@@ -91,15 +91,14 @@ class Profile:
 
 def load_profile(args: argparse.Namespace, need_draft: bool) -> Profile:
     """The calibration profile of this machine and the run's models, measured on a miss (or --recalibrate) and
-    cached. On CUDA, with --dtype float16, or when the flags leave one plan: that plan, nothing measured."""
+    cached. On CUDA or with --dtype float16: that plan, nothing measured."""
     from utils.cli import resolve_dtype
 
     if torch.device(args.device).type != "cpu" or args.dtype == "float16":
         plan = KernelPlan(resolve_dtype(args.dtype, args.device))
         return Profile([plan], record={"calibrated": False, "why": f"not calibrated on {args.device}/{args.dtype}"})
+    # measured even when the flags leave one plan: the default tree is searched for that plan's costs
     allowed = _allowed(args, args.device)
-    if len(allowed) == 1:
-        return Profile(allowed, record={"calibrated": False, "why": "as asked"})
     draft_spec = (args.model or default_draft_for(args.target)) if need_draft else None
     ids = {"target": f"target:{model_fingerprint(resolve_model_path(args.target))}"}
     if draft_spec is not None:
