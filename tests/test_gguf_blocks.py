@@ -12,19 +12,14 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 from torch import nn
 
-from engine import growmap as G
-from engine.decoder import autoregressive_generate, speculative_generate
-from engine.drafters import StaticTreeDrafter
 from engine.gguf_blocks import BlockLinear, BlockWeight, dequantize, split_blocks
 from engine.linear_paths import apply_linear_path, plain_copy
-from engine.sampling import Sampling
-from tests.tiny_models import random_prompt, tiny_llama, tree_model
+from tests.tiny_models import assert_tree_greedy_equals_autoregressive, random_prompt, tiny_llama, tree_model
 from utils import native_kernels
 from utils.errors import UserError
 from utils.gguf_weights import GgufBlocks, read_gguf_matrices
 
 VOCAB = 128
-GREEDY = Sampling(0.0, 1.0)
 FORMATS = ["Q4_1", "Q8_0"]
 
 
@@ -111,13 +106,7 @@ def test_gguf_path_logits_and_greedy_speculative_equal_its_reference():
     mask = torch.ones(12, 12, dtype=torch.bool).tril()
     assert torch.allclose(target.forward(prompt, slots, slots, mask), plain.forward(prompt, slots, slots, mask),
                           atol=1e-4)
-    drafter = StaticTreeDrafter(draft, G.kary_tree(2, 3), GREEDY, sample_children=False)
-    for seed in (3, 4):
-        prompt = random_prompt(17, VOCAB, seed=seed)
-        reference = autoregressive_generate(target, prompt, 40, set(), GREEDY, torch.Generator())
-        result = speculative_generate(target, drafter, prompt, 40, set(), GREEDY, "greedy", torch.Generator())
-        assert result.output_ids == reference.output_ids
-        assert len(result.accepted_per_step) < 40
+    assert_tree_greedy_equals_autoregressive(target, draft, VOCAB)
 
 
 def test_gguf_path_needs_its_blocks_and_float32():

@@ -6,15 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from engine import growmap as G
-from engine.decoder import autoregressive_generate, speculative_generate
-from engine.drafters import StaticTreeDrafter
 from engine.linear_paths import LINEAR_PATHS, OneDNNLinear, apply_linear_path, path_available, plain_copy
-from engine.sampling import Sampling
-from tests.tiny_models import random_prompt, tiny_llama, tree_model
+from tests.tiny_models import assert_tree_greedy_equals_autoregressive, random_prompt, tiny_llama, tree_model
 
 VOCAB = 128
-GREEDY = Sampling(0.0, 1.0)
 OPTIONAL = [path for path in LINEAR_PATHS if path not in ("plain", "gguf")]  # gguf: tests/test_gguf_blocks.py
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
@@ -49,14 +44,7 @@ def test_path_greedy_speculative_equals_its_autoregressive_reference(path):
     target_hf, draft_hf = tiny_llama(seed=0, vocab=VOCAB), tiny_llama(seed=1, vocab=VOCAB, layers=1)
     for model in (target_hf, draft_hf):
         apply_linear_path(model, path)
-    target, draft = tree_model(target_hf), tree_model(draft_hf)
-    drafter = StaticTreeDrafter(draft, G.kary_tree(2, 3), GREEDY, sample_children=False)
-    for seed in (3, 4):
-        prompt = random_prompt(17, VOCAB, seed=seed)
-        reference = autoregressive_generate(target, prompt, 40, set(), GREEDY, torch.Generator())
-        result = speculative_generate(target, drafter, prompt, 40, set(), GREEDY, "greedy", torch.Generator())
-        assert result.output_ids == reference.output_ids
-        assert len(result.accepted_per_step) < 40  # the draft did propose accepted tokens: trees were verified
+    assert_tree_greedy_equals_autoregressive(tree_model(target_hf), tree_model(draft_hf), VOCAB)
 
 
 @pytest.mark.parametrize("path", OPTIONAL)

@@ -35,3 +35,21 @@ def hf_greedy(hf_model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int
     out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def assert_tree_greedy_equals_autoregressive(target: TreeModel, draft: TreeModel, vocab: int) -> None:
+    """A 2-ary depth-3 static tree's greedy output equals the target's own autoregressive output on two random
+    prompts, and the draft did get tokens accepted (trees were really verified)."""
+    from engine import growmap as G
+    from engine.decoder import autoregressive_generate, speculative_generate
+    from engine.drafters import StaticTreeDrafter
+    from engine.sampling import Sampling
+
+    greedy = Sampling(0.0, 1.0)
+    drafter = StaticTreeDrafter(draft, G.kary_tree(2, 3), greedy, sample_children=False)
+    for seed in (3, 4):
+        prompt = random_prompt(17, vocab, seed=seed)
+        reference = autoregressive_generate(target, prompt, 40, set(), greedy, torch.Generator())
+        result = speculative_generate(target, drafter, prompt, 40, set(), greedy, "greedy", torch.Generator())
+        assert result.output_ids == reference.output_ids
+        assert len(result.accepted_per_step) < 40

@@ -4,7 +4,7 @@ transformers loads a GGUF checkpoint dequantized (and reorders the rows of q/k f
 feature draft's head is a row subset of the target's embedding; so instead of trusting tensor names, every row
 of a layer is looked up by the exact float32 bits of its first and last block among the dequantized rows of
 the file, and the match is then checked whole (`torch.equal`) before the layer runs on the blocks. A layer
-that is not found keeps its plain kernel.
+that is not found takes the other kernels (engine/linear_paths.py).
 """
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ def read_gguf_matrices(path: Path) -> dict[str, tuple[str, np.ndarray]]:
         header = handle.read(24)
         if header[:4] != b"GGUF":
             raise UserError(f"{path} is not a GGUF file")
-        _, tensor_count, kv_count = struct.unpack("<IQQ", header[4:24])
+        version, tensor_count, kv_count = struct.unpack("<IQQ", header[4:24])
+        if version < 2:
+            raise UserError(f"{path} is a GGUF v{version} file; the gguf kernels read v2 and later (pass --kernel plain)")
         read = handle.read
 
         def string() -> str:
