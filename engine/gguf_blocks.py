@@ -63,6 +63,12 @@ class BlockWeight:
         return BlockWeight(self.format, self.scales[:, index].contiguous(), mins.contiguous(), quants.contiguous())
 
 
+def concat_rows(weights: list[BlockWeight]) -> BlockWeight:
+    """Several weights of one format and width stacked row-wise (q, k and v as one matrix)."""
+    return BlockWeight(weights[0].format, torch.cat([w.scales for w in weights]),
+                       torch.cat([w.mins for w in weights]), torch.cat([w.quants for w in weights]))
+
+
 def split_blocks(raw: torch.Tensor, fmt: str) -> BlockWeight:
     """A GGUF tensor's bytes [out, bytes per row] uint8 -> BlockWeight (scales and mins widened from float16,
     which is exact)."""
@@ -122,3 +128,43 @@ class BlockLinear(nn.Module):
         if self.bias is not None:
             out += self.bias.detach()
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class FusedBlockLinear(nn.Module):
+    """Several BlockLinears reading the same input (q/k/v, gate/up) run as one kernel call: one pass over the
+    input, one thread fork, and one dequantization loop instead of two or three. Returns the layers' outputs as
+    a tuple. Each output is summed exactly as the separate layer sums it (rows are independent in the kernel),
+    so the results are the same bits. The separate layers keep working, their blocks now views into this one's.
+    """
+
+    def __init__(self, parts: list[BlockLinear]) -> None:
+        super().__init__()
+        if len({(p.blocks.format, p.in_features) for p in parts}) != 1 or \
+                len({p.bias is None for p in parts}) != 1:
+            raise ValueError("only layers of one block format, width and bias presence can be fused")
+        self.in_features = parts[0].in_features
+        self.sizes = [p.out_features for p in parts]
+        self.blocks, self.matmul, self.kernel_id = concat_rows([p.blocks for p in parts]), parts[0].matmul, \
+            parts[0].kernel_id
+        self.bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+        self.parts = parts
+        start = 0
+        for part in parts:  # the separate layers read the same memory
+            part.blocks = _row_range(self.blocks, start, part.out_features)
+            start += part.out_features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
+            return tuple(part(x) for part in self.parts)
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = torch.empty(rows.shape[0], sum(self.sizes))
+        self.matmul(self.kernel_id, rows, self.blocks, out)
+        if self.bias is not None:
+            out += self.bias
+        return out.reshape(*x.shape[:-1], -1).split(self.sizes, dim=-1)
+
+
+def _row_range(weight: BlockWeight, start: int, count: int) -> BlockWeight:
+    """Rows [start, start + count) as views (rows are the leading, contiguous dimension)."""
+    mins = weight.mins[start:start + count] if weight.mins.numel() else weight.mins
+    return BlockWeight(weight.format, weight.scales[start:start + count], mins, weight.quants[start:start + count])

@@ -25,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.gguf_blocks import BlockLinear, BlockMatmul, BlockWeight
+from engine.gguf_blocks import BlockLinear, BlockMatmul, BlockWeight, FusedBlockLinear
 
 LINEAR_PATHS = ("plain", "onednn", "gguf")
+# projections that read the same input, fused on the gguf path: (parent's layers, the fused module's name), which
+# engine/model.py's decoder_stack uses when present
+FUSED_PROJECTIONS = ((("q_proj", "k_proj", "v_proj"), "qkv_fused"), (("gate_proj", "up_proj"), "gate_up_fused"))
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,12 @@ def apply_linear_path(module: nn.Module, path: str,
              if type(child) is nn.Linear and (child in found or packed)]
     for parent, name, child in swaps:
         setattr(parent, name, BlockLinear(child, found[child], matmul) if child in found else OneDNNLinear(child))
+    for parent in list(module.modules()):
+        for names, fused_name in FUSED_PROJECTIONS:
+            parts = [getattr(parent, name, None) for name in names]
+            if all(isinstance(part, BlockLinear) for part in parts) and \
+                    len({(part.blocks.format, part.in_features, part.bias is None) for part in parts}) == 1:
+                setattr(parent, fused_name, FusedBlockLinear(parts))
     return len(swaps)
 
 
@@ -113,7 +122,7 @@ def plain_copy(module: nn.Module) -> nn.Module:
     weight is copied): what code outside the engine (transformers' generate) should run."""
     memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
     memo.update({id(m.packed): None for m in module.modules() if isinstance(m, OneDNNLinear)})
-    memo.update({id(m.blocks): None for m in module.modules() if isinstance(m, BlockLinear)})
+    memo.update({id(m.blocks): None for m in module.modules() if isinstance(m, (BlockLinear, FusedBlockLinear))})
     twin = copy.deepcopy(module, memo)
     swaps = [(parent, name, child) for parent in twin.modules() for name, child in parent.named_children()
              if isinstance(child, (OneDNNLinear, BlockLinear))]
@@ -122,4 +131,8 @@ def plain_copy(module: nn.Module) -> nn.Module:
                           device="meta", dtype=child.weight.dtype)
         plain.weight, plain.bias = child.weight, child.bias
         setattr(parent, name, plain)
+    for parent in twin.modules():
+        for _, fused_name in FUSED_PROJECTIONS:
+            if fused_name in parent._modules:
+                del parent._modules[fused_name]
     return twin

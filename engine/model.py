@@ -150,17 +150,29 @@ def decoder_stack(layers: list[nn.Module], hidden: torch.Tensor, rotary: nn.Modu
     for index, layer in enumerate(layers):
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(b, n, num_heads, head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, n, kv_heads, head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, n, kv_heads, head_dim).transpose(1, 2)
+        # a linear path may have fused the projections that read one input (engine/linear_paths.py)
+        fused = getattr(attn, "qkv_fused", None)
+        q, k, v = fused(x) if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+        q = q.view(b, n, num_heads, head_dim).transpose(1, 2)
+        k = k.view(b, n, kv_heads, head_dim).transpose(1, 2)
+        v = v.view(b, n, kv_heads, head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         out = attend(index, q, k, v)
         hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
         if index + 1 in keep:
             states[index + 1] = hidden
     return hidden, [states[i] for i in keep]
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's gated MLP; with gate and up fused, one call for both (the same sums as transformers')."""
+    fused = getattr(mlp, "gate_up_fused", None)
+    if fused is None:
+        return mlp(x)
+    gate, up = fused(x)
+    return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def to_target_vocab(draft_values: torch.Tensor, output_ids: torch.Tensor | None, target_vocab_size: int,

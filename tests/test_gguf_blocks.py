@@ -12,7 +12,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 from torch import nn
 
-from engine.gguf_blocks import BlockLinear, BlockWeight, dequantize, split_blocks
+from engine.gguf_blocks import BlockLinear, BlockWeight, FusedBlockLinear, dequantize, split_blocks
 from engine.linear_paths import apply_linear_path, plain_copy
 from tests.tiny_models import assert_tree_greedy_equals_autoregressive, random_prompt, tiny_llama, tree_model
 from utils import native_kernels
@@ -107,6 +107,28 @@ def test_gguf_path_logits_and_greedy_speculative_equal_its_reference():
     assert torch.allclose(target.forward(prompt, slots, slots, mask), plain.forward(prompt, slots, slots, mask),
                           atol=1e-4)
     assert_tree_greedy_equals_autoregressive(target, draft, VOCAB)
+
+
+def test_fused_projections_give_the_same_bits_and_leave_the_plain_twin():
+    matmul = kernel()
+    model = tiny_llama(seed=0, vocab=VOCAB)
+    blocks = quantize_linears(model)
+    apply_linear_path(model, "gguf", (blocks.linears_found(model), matmul))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert isinstance(attn.qkv_fused, FusedBlockLinear) and isinstance(mlp.gate_up_fused, FusedBlockLinear)
+    shared = attn.qkv_fused.blocks.quants.untyped_storage().data_ptr()  # the separate layers read views of it
+    assert attn.k_proj.blocks.quants.untyped_storage().data_ptr() == shared
+    fused = tree_model(model)
+    prompt = torch.tensor(random_prompt(9, VOCAB, seed=2))
+    slots = torch.arange(9)
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()
+    with_fusion = fused.forward(prompt, slots, slots, mask)
+    twin = plain_copy(model)
+    assert not any(isinstance(m, (FusedBlockLinear, BlockLinear)) for m in twin.modules())
+    for layer in model.model.layers:  # the same layers one projection at a time
+        del layer.self_attn.qkv_fused, layer.mlp.gate_up_fused
+    separate = tree_model(model)
+    assert torch.equal(separate.forward(prompt, slots, slots, mask), with_fusion)
 
 
 def test_gguf_path_needs_its_blocks_and_float32():
