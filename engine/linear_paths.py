@@ -9,8 +9,9 @@
           everywhere oneDNN runs; bfloat16 only where oneDNN has a bfloat16 path (AVX512-BF16, AMX,
           AVX-NE-CONVERT).
 "gguf"    float32 only: each linear whose weights came from a GGUF file's Q4_1/Q8_0 blocks keeps the blocks
-          and runs engine/gguf_blocks.py's kernel (a quarter of the bytes per weight read, the same weights);
-          the layers not found in the file take "onednn" where it runs, else "plain".
+          and runs engine/gguf_blocks.py's kernel (a fifth of the bytes per weight read, the same weights),
+          q/k/v and gate/up fused into one call each; the layers not found in the file take "onednn" where it
+          runs, else "plain".
 
 A path changes how the products are summed, never what is summed: outputs agree with the plain path to
 rounding. Exactness of greedy decoding holds within one path (the target's autoregressive reference and its
