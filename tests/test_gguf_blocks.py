@@ -91,6 +91,17 @@ def test_find_rows_by_their_bits_permuted_subset_or_refused():
     assert found.find(torch.randn(10, 48)) is None  # a width with no blocks
 
 
+def test_rows_sharing_their_first_and_last_block_are_told_apart():
+    values = np.random.default_rng(5).standard_normal((3, 96)).astype(np.float32)
+    values[1, :32], values[1, 64:] = values[0, :32], values[0, 64:]  # rows 0 and 1 differ only in the middle
+    raw = gguf_quantize(values, GGMLQuantizationType.Q8_0)
+    blocks = split_blocks(torch.from_numpy(raw.copy()), "Q8_0")
+    reference = dequantize(blocks)
+    found = GgufBlocks({"w": blocks})
+    for order in ([1, 0, 2], [0, 1], [1]):
+        assert torch.equal(dequantize(found.find(reference[order])), reference[order])
+
+
 def test_gguf_path_logits_and_greedy_speculative_equal_its_reference():
     matmul = kernel()
     target_hf = tiny_llama(seed=0, vocab=VOCAB, tied=True)
