@@ -53,7 +53,6 @@ class BlockWeight:
         return BlockWeight(self.format, self.scales[index].contiguous(), mins.contiguous(),
                            self.quants[index].contiguous())
 
-
     def block_columns(self, blocks: tuple[int, ...]) -> BlockWeight:
         """Only the blocks numbered `blocks` of every row (negative counts from the end), side by side."""
         index = torch.tensor(blocks) % self.scales.shape[1]
@@ -122,12 +121,8 @@ class BlockLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
         if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        rows = x.reshape(-1, self.in_features).contiguous()
-        out = torch.empty(rows.shape[0], self.out_features)
-        self.matmul(self.kernel_id, rows, self.blocks, out)
-        if self.bias is not None:
-            out += self.bias.detach()
-        return out.reshape(*x.shape[:-1], self.out_features)
+        bias = None if self.bias is None else self.bias.detach()
+        return _run_blocks(x, self.blocks, self.matmul, self.kernel_id, bias)
 
 
 class FusedBlockLinear(nn.Module):
@@ -156,12 +151,18 @@ class FusedBlockLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
             return tuple(part(x) for part in self.parts)
-        rows = x.reshape(-1, self.in_features).contiguous()
-        out = torch.empty(rows.shape[0], sum(self.sizes))
-        self.matmul(self.kernel_id, rows, self.blocks, out)
-        if self.bias is not None:
-            out += self.bias
-        return out.reshape(*x.shape[:-1], -1).split(self.sizes, dim=-1)
+        return _run_blocks(x, self.blocks, self.matmul, self.kernel_id, self.bias).split(self.sizes, dim=-1)
+
+
+def _run_blocks(x: torch.Tensor, blocks: BlockWeight, matmul: BlockMatmul, kernel_id: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] float32 on the CPU -> [..., out] through the kernel (inputs made contiguous rows)."""
+    rows = x.reshape(-1, blocks.in_features).contiguous()
+    out = torch.empty(rows.shape[0], blocks.out_features)
+    matmul(kernel_id, rows, blocks, out)
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], blocks.out_features)
 
 
 def _row_range(weight: BlockWeight, start: int, count: int) -> BlockWeight:

@@ -2,7 +2,7 @@
 
 Plain C with AVX2/FMA intrinsics and OpenMP, loaded with ctypes: no torch headers, so it builds in about a
 second. The shared library is cached under `cache_dir()/kernels/`, keyed by the source, the flags and the
-compiler's version. Where the CPU lacks AVX2/FMA/F16C or no compiler works, `blocks_kernel()` says why and the
+compiler's version. Where the CPU lacks AVX2/FMA or no compiler works, `blocks_kernel()` says why and the
 "gguf" linear path is simply not offered (the plain and oneDNN paths remain).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from engine.gguf_blocks import BlockMatmul, BlockWeight
 from utils.models import cache_dir
 
 SOURCE = Path(__file__).resolve().parent.parent / "engine" / "gguf_blocks.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
-NEEDED_ISA = ("avx2", "fma", "f16c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
+NEEDED_ISA = ("avx2", "fma")
 
 
 @dataclass(frozen=True)
