@@ -132,10 +132,15 @@ class FusedBlockLinear(nn.Module):
     so the results are the same bits. The separate layers keep working, their blocks now views into this one's.
     """
 
+    @staticmethod
+    def can_fuse(parts: list) -> bool:
+        """Whether these layers are BlockLinears of one block format, width and bias presence."""
+        return all(isinstance(part, BlockLinear) for part in parts) and \
+            len({(part.blocks.format, part.in_features, part.bias is None) for part in parts}) == 1
+
     def __init__(self, parts: list[BlockLinear]) -> None:
         super().__init__()
-        if len({(p.blocks.format, p.in_features) for p in parts}) != 1 or \
-                len({p.bias is None for p in parts}) != 1:
+        if not self.can_fuse(parts):
             raise ValueError("only layers of one block format, width and bias presence can be fused")
         self.in_features = parts[0].in_features
         self.sizes = [p.out_features for p in parts]

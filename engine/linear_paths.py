@@ -112,8 +112,7 @@ def apply_linear_path(module: nn.Module, path: str,
     for parent in list(module.modules()):
         for names, fused_name in FUSED_PROJECTIONS:
             parts = [getattr(parent, name, None) for name in names]
-            if all(isinstance(part, BlockLinear) for part in parts) and \
-                    len({(part.blocks.format, part.in_features, part.bias is None) for part in parts}) == 1:
+            if FusedBlockLinear.can_fuse(parts):
                 setattr(parent, fused_name, FusedBlockLinear(parts))
     return len(swaps)
 

@@ -44,7 +44,7 @@ def quantize_linears(model: nn.Module, fmt: str = "Q4_1") -> GgufBlocks:
     tensors = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            if type(module) is nn.Linear and name not in tensors:
+            if type(module) is nn.Linear:
                 reference, blocks = quantized(module.out_features, module.in_features, fmt, seed=len(tensors))
                 module.weight.copy_(reference)
                 tensors[name] = blocks

@@ -79,7 +79,7 @@ def eos_ids_of(tokenizer, hf_model) -> set[int]:
 def use_linear_path(module: torch.nn.Module, path: str, target_spec: str | None) -> None:
     """`apply_linear_path`, with the target's GGUF blocks looked up for the "gguf" path (a draft's head may be
     the target's embedding)."""
-    apply_linear_path(module, path, gguf_linears(target_spec)(module) if path == "gguf" else None)
+    apply_linear_path(module, path, gguf_linears(target_spec, module) if path == "gguf" else None)
 
 
 def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dtype: torch.dtype, device: str,

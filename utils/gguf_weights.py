@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import struct
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ def _ends(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight[:, :BLOCK], weight[:, -BLOCK:]], dim=1)
 
 
-GGUF_TYPES = {3: ("Q4_1", 20), 8: ("Q8_0", 34)}  # ggml type id -> (name, bytes per block of 32)
+GGUF_TYPE_IDS = {3: "Q4_1", 8: "Q8_0"}  # ggml type id -> block format (engine/gguf_blocks.py FORMATS)
 _SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # gguf metadata value types
 
 
@@ -91,9 +90,9 @@ def read_gguf_matrices(path: Path) -> dict[str, tuple[str, np.ndarray]]:
     data = np.memmap(path, dtype=np.uint8, mode="r")
     matrices = {}
     for name, shape, kind, offset in infos:
-        if kind in GGUF_TYPES and len(shape) == 2 and shape[0] % BLOCK == 0:
-            fmt, block_bytes = GGUF_TYPES[kind]
-            row_bytes = shape[0] // BLOCK * block_bytes
+        if kind in GGUF_TYPE_IDS and len(shape) == 2 and shape[0] % BLOCK == 0:
+            fmt = GGUF_TYPE_IDS[kind]
+            row_bytes = shape[0] // BLOCK * FORMATS[fmt][1]
             start = data_start + offset
             matrices[name] = (fmt, data[start:start + row_bytes * shape[1]].reshape(shape[1], row_bytes))
     return matrices
@@ -175,12 +174,11 @@ def gguf_path_unavailable(target_spec: str | None) -> str | None:
     return blocks_kernel().why or None
 
 
-def gguf_linears(target_spec: str | None) -> Callable[[nn.Module], tuple[dict[nn.Linear, BlockWeight], BlockMatmul]]:
-    """For a target loaded from a GGUF file: a function giving, for a module (the target, or its draft, whose
-    head may be the target's embedding), the linears found in the file and the compiled kernel, which is what
-    `apply_linear_path(module, "gguf", ...)` takes. Raises UserError when the path cannot run here."""
+def gguf_linears(target_spec: str | None, module: nn.Module) -> tuple[dict[nn.Linear, BlockWeight], BlockMatmul]:
+    """For a target loaded from a GGUF file: the linears of `module` (the target, or its draft, whose head may be
+    the target's embedding) found in the file, and the compiled kernel; what `apply_linear_path(module, "gguf",
+    ...)` takes. Raises UserError when the path cannot run here."""
     why = gguf_path_unavailable(target_spec)
     if why is not None:
         raise UserError(f"--kernel gguf cannot run here: {why}; pass --kernel plain or onednn")
-    blocks, matmul = _blocks_of(gguf_source(target_spec)), blocks_kernel().matmul
-    return lambda module: (blocks.linears_found(module), matmul)
+    return _blocks_of(gguf_source(target_spec)).linears_found(module), blocks_kernel().matmul
