@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kv_cache import KVCache
+from engine.native_layers import LayerStep, native_stack
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,9 @@ class TreeModel:
     def max_len(self) -> int:
         return self.cache.max_len
 
+    # set for a model whose decoder layers run natively on the gguf path (utils/native_kernels.py): float32 CPU
+    # forwards then take engine/native_layers.py's one call per layer instead of the torch ops of decoder_stack
+    layer_step: LayerStep | None = None
     uses_target_features = False  # True for drafts that read the target's hidden states (engine/feature_draft.py)
     target_layers: tuple[int, ...] | None = None  # a feature draft's choice of target layers (None: the last)
 
@@ -116,6 +120,11 @@ class TreeModel:
                    attn_mask: torch.Tensor, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The decoder stack over the cache: embedded [n, d] -> (final normed hidden states [n, d], the states
         named in `keep` [n, d] each, in `keep`'s order, numbered as `forward`'s hidden_layers)."""
+        if self.layer_step is not None and embedded.dtype == torch.float32 and embedded.device.type == "cpu":
+            hidden, kept = native_stack(self.layer_step, len(self.layers), embedded, self.rotary, positions,
+                                        kv_slots, attn_mask, self.cache, keep)
+            final = self.norm(hidden)
+            return final, [final if index == len(self.layers) else state for index, state in zip(keep, kept)]
         kv_len = attn_mask.shape[1]
         mask = attn_mask[None, None]                                  # [1, 1, n, S]
         gqa = self.kv_heads != self.num_heads

@@ -12,7 +12,8 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 from torch import nn
 
-from engine.gguf_blocks import BlockLinear, BlockWeight, FusedBlockLinear, dequantize, split_blocks
+from engine.gguf_blocks import (BlockLinear, BlockWeight, FusedBlockLinear, dequantize, quantize_q8_0,
+                                split_blocks)
 from engine.linear_paths import apply_linear_path, plain_copy
 from tests.tiny_models import assert_tree_greedy_equals_autoregressive, random_prompt, tiny_llama, tree_model
 from utils import native_kernels
@@ -75,6 +76,16 @@ def test_kernel_matches_plain_and_each_row_is_independent_of_the_others(fmt):
         assert torch.equal(layer(x.reshape(2, 4, 160)).reshape(8, 13), together)
     with torch.enable_grad():  # autograd takes the plain path
         assert torch.allclose(layer(x), x @ reference.T, atol=1e-5)
+
+
+def test_q8_0_quantizer_equals_gguf_py_bit_for_bit():
+    values = np.random.default_rng(3).standard_normal((8, 96)).astype(np.float32)
+    values[:, 32:64] *= 1e-3
+    values[0, :32] = 0  # an all-zero block: scale 0, q 0
+    values[1, 5] = 127.5 * values[1, :32].__abs__().max() / 127  # a half-way value: rounds away from zero
+    ours = quantize_q8_0(torch.from_numpy(values))
+    reference = split_blocks(torch.from_numpy(gguf_quantize(values, GGMLQuantizationType.Q8_0).copy()), "Q8_0")
+    assert torch.equal(ours.scales, reference.scales) and torch.equal(ours.quants, reference.quants)
 
 
 def test_find_rows_by_their_bits_permuted_subset_or_refused():
@@ -140,6 +151,73 @@ def test_fused_projections_give_the_same_bits_and_leave_the_plain_twin():
         del layer.self_attn.qkv_fused, layer.mlp.gate_up_fused
     separate = tree_model(model)
     assert torch.equal(separate.forward(prompt, slots, slots, mask), with_fusion)
+
+
+def native_pair(fmt: str = "Q4_1"):
+    """(a tiny target on the gguf path through engine/llama_layer.c, the same model through torch's ops)."""
+    matmul = kernel()
+    model = tiny_llama(seed=0, vocab=VOCAB, tied=True)
+    apply_linear_path(model, "gguf", (quantize_linears(model, fmt).linears_found(model), matmul))
+    native, torch_ops = tree_model(model), tree_model(model)
+    native.layer_step = native_kernels.native_layer_step(native.layers, native.num_heads, native.kv_heads,
+                                                         native.head_dim)
+    assert native.layer_step is not None
+    return native, torch_ops
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_native_layers_agree_with_torch_ops_cache_and_hidden_layers_included(fmt):
+    native, torch_ops = native_pair(fmt)
+    prompt = torch.tensor(random_prompt(20, VOCAB, seed=5))
+    slots = torch.arange(20)
+    mask = torch.ones(20, 20, dtype=torch.bool).tril()
+    logits, states = native.forward(prompt, slots, slots, mask, return_hidden=True, hidden_layers=(0, 1, 2))
+    ref_logits, ref_states = torch_ops.forward(prompt, slots, slots, mask, return_hidden=True, hidden_layers=(0, 1, 2))
+    def close(a, b):  # to float32 rounding of the largest value (random 4-bit weights make states of ~1e3)
+        return (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+    assert close(logits, ref_logits) and close(states, ref_states)
+    assert close(native.cache.keys[:, :, :20], torch_ops.cache.keys[:, :, :20])
+    assert close(native.cache.values[:, :, :20], torch_ops.cache.values[:, :, :20])
+    assert not torch.equal(logits, ref_logits)  # really another implementation
+
+
+def test_native_tree_rows_equal_one_token_steps_bit_for_bit_and_greedy_is_exact():
+    native, _ = native_pair()
+    prompt = torch.tensor(random_prompt(10, VOCAB, seed=6))
+    prefix_mask = torch.ones(10, 10, dtype=torch.bool).tril()
+
+    def prefill():
+        native.forward(prompt, torch.arange(10), torch.arange(10), prefix_mask)
+
+    # tree after the prompt: 0 -> {1, 2}, 1 -> 3, 2 -> 4; stale garbage in slots between keys must not matter
+    parents, depth = [-1, 0, 0, 1, 2], [0, 1, 1, 2, 2]
+    nodes = torch.tensor(random_prompt(5, VOCAB, seed=7))
+    tree_mask = torch.zeros(5, 15, dtype=torch.bool)
+    tree_mask[:, :10] = True
+    for i in range(5):
+        j = i
+        while j >= 0:
+            tree_mask[i, 10 + j] = True
+            j = parents[j]
+    prefill()
+    tree = native.forward(nodes, torch.tensor(depth) + 10, torch.arange(10, 15), tree_mask)
+    for path in ([0, 1, 3], [0, 2, 4]):
+        prefill()
+        for step, node in enumerate(path):
+            one = native.forward(nodes[node:node + 1], torch.tensor([10 + step]), torch.tensor([10 + step]),
+                                 torch.ones(1, 11 + step, dtype=torch.bool))
+        assert torch.equal(one[0], tree[path[-1]])
+    draft_hf = tiny_llama(seed=1, vocab=VOCAB, layers=1)
+    quantize_linears(draft_hf, "Q8_0")  # the same random values as the target's first layer: tokens get accepted
+    assert_tree_greedy_equals_autoregressive(native, tree_model(draft_hf), VOCAB)
+
+
+def test_native_layers_refuse_layers_off_the_blocks():
+    kernel()
+    model = tiny_llama(seed=0, vocab=VOCAB)
+    plain = tree_model(model)
+    assert native_kernels.native_layer_step(plain.layers, plain.num_heads, plain.kv_heads, plain.head_dim) is None
 
 
 def test_gguf_path_needs_its_blocks_and_float32():

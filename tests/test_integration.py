@@ -53,3 +53,30 @@ def load_growmap_exists(path: str) -> bool:
     from pathlib import Path
 
     return Path(path).is_file()
+
+
+def test_gguf_path_with_native_layers_equals_plain_generate():
+    """The embedded target on its own 4-bit blocks with native decoder layers (the CPU default where the kernels
+    build), the default draft on Q8_0 blocks: speculative == autoregressive == transformers' plain float32 greedy."""
+    from engine.linear_paths import KernelPlan
+    from utils.native_kernels import blocks_kernel
+
+    if blocks_kernel().layer is None:
+        pytest.skip(f"the native kernels cannot run here: {blocks_kernel().why}")
+    torch.set_num_threads(DEFAULT_THREADS)
+    try:
+        plan = KernelPlan(torch.float32, "gguf")
+        pair = load_pair(None, None, True, torch.float32, "cpu", 512, plans=(plan, plan))
+        assert pair.target.layer_step is not None and pair.draft.layer_step is not None
+        plain = load_pair(None, None, False, torch.float32, "cpu", 512).target.hf_model
+        drafter = StaticTreeDrafter(pair.draft, load_growmap(DEFAULTS.growmap), Sampling(), sample_children=False)
+        for prompt in load_prompts("builtin", load_tokenizer(None), 0, 3, 64):
+            spec = speculative_generate(pair.target, drafter, prompt.ids, 24, pair.eos_ids, Sampling(), "greedy",
+                                        torch.Generator())
+            ar = autoregressive_generate(pair.target, prompt.ids, 24, pair.eos_ids, Sampling(), torch.Generator())
+            ids = torch.tensor([prompt.ids])
+            out = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+            assert spec.output_ids == ar.output_ids == out[0, len(prompt.ids):].tolist()
+            assert spec.target_steps < ar.target_steps
+    finally:
+        torch.set_num_threads(UNIT_TEST_THREADS)

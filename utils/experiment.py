@@ -23,6 +23,7 @@ from utils.errors import UserError
 from utils.gguf_weights import gguf_linears
 from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, is_feature_draft, layer_placement,
                           load_draft_vocab, load_feature_net, load_hf_model, load_tokenizer, resolve_model_path)
+from utils.native_kernels import native_layer_step
 from utils.report import wall_clock
 from utils.run_log import SINGLE, Processes, open_run, sweep
 
@@ -76,10 +77,18 @@ def eos_ids_of(tokenizer, hf_model) -> set[int]:
     return ids
 
 
-def use_linear_path(module: torch.nn.Module, path: str, target_spec: str | None) -> None:
+def use_linear_path(module: torch.nn.Module, path: str, target_spec: str | None, draft: bool = False) -> None:
     """`apply_linear_path`, with the target's GGUF blocks looked up for the "gguf" path (a draft's head may be
-    the target's embedding)."""
-    apply_linear_path(module, path, gguf_linears(target_spec, module) if path == "gguf" else None)
+    the target's embedding; a draft's own layers are quantized to Q8_0 blocks there)."""
+    apply_linear_path(module, path, gguf_linears(target_spec, module, quantize_rest=draft) if path == "gguf" else None)
+
+
+def with_native_layers(model: TreeModel, path: str) -> TreeModel:
+    """On the "gguf" path, the model's decoder layers run as one native call each where they can
+    (engine/native_layers.py); any other path, or layers it does not run, keep torch's ops."""
+    if path == "gguf":
+        model.layer_step = native_layer_step(model.layers, model.num_heads, model.kv_heads, model.head_dim)
+    return model
 
 
 def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dtype: torch.dtype, device: str,
@@ -98,17 +107,18 @@ def load_draft(spec: str | None, target_spec: str | None, target: TreeModel, dty
         from engine.feature_draft import FeatureDraftModel
 
         net, head_ids = load_feature_net(resolve_model_path(name), target.hf_model, dtype)
-        use_linear_path(net.to(device), linear_path, target_spec)
-        return name, FeatureDraftModel(net.to(device), max_len, None if head_ids is None else torch.tensor(head_ids))
+        use_linear_path(net.to(device), linear_path, target_spec, draft=True)
+        return name, with_native_layers(FeatureDraftModel(net.to(device), max_len, None if head_ids is None
+                                                          else torch.tensor(head_ids)), linear_path)
     vocab = load_draft_vocab(name)
     hf_model = load_hf_model(name, dtype, device)
-    use_linear_path(hf_model, linear_path, target_spec)
+    use_linear_path(hf_model, linear_path, target_spec, draft=True)
     if vocab is None:
         check_vocab_match(hf_model.lm_head.out_features, target.vocab_size, name, target_name)
-        return name, TreeModel(hf_model, max_len)
+        return name, with_native_layers(TreeModel(hf_model, max_len), linear_path)
     check_vocab_match(vocab.target_vocab_size, target.vocab_size, name, target_name)
-    return name, TreeModel(hf_model, max_len, input_map=vocab.input_map(),
-                           output_ids=torch.tensor(vocab.draft_to_target))
+    return name, with_native_layers(TreeModel(hf_model, max_len, input_map=vocab.input_map(),
+                                              output_ids=torch.tensor(vocab.draft_to_target)), linear_path)
 
 
 def load_pair(target: str | None, draft: str | None, need_draft: bool, dtype: torch.dtype, device: str,
@@ -124,7 +134,7 @@ def load_pair(target: str | None, draft: str | None, need_draft: bool, dtype: to
     target_hf = (load_target or load_hf_model)(target, target_plan.dtype, device)
     if load_target is None:
         use_linear_path(target_hf, target_plan.linear_path, target)
-    target_model = TreeModel(target_hf, max_len)
+    target_model = with_native_layers(TreeModel(target_hf, max_len), target_plan.linear_path)
     draft_name, draft_model = (load_draft(draft, target, target_model, draft_plan.dtype, device, max_len,
                                           draft_plan.linear_path) if need_draft else (None, None))
     target_model = with_cuda_graphs(target_model, cuda_graphs and load_target is None)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.gguf_blocks import BLOCK, FORMATS, BlockMatmul, BlockWeight, dequantize, split_blocks
+from engine.gguf_blocks import BLOCK, FORMATS, BlockMatmul, BlockWeight, dequantize, quantize_q8_0, split_blocks
 from utils.errors import UserError
 from utils.models import gguf_source
 from utils.native_kernels import blocks_kernel
@@ -174,11 +174,20 @@ def gguf_path_unavailable(target_spec: str | None) -> str | None:
     return blocks_kernel().why or None
 
 
-def gguf_linears(target_spec: str | None, module: nn.Module) -> tuple[dict[nn.Linear, BlockWeight], BlockMatmul]:
+def gguf_linears(target_spec: str | None, module: nn.Module,
+                 quantize_rest: bool = False) -> tuple[dict[nn.Linear, BlockWeight], BlockMatmul]:
     """For a target loaded from a GGUF file: the linears of `module` (the target, or its draft, whose head may be
     the target's embedding) found in the file, and the compiled kernel; what `apply_linear_path(module, "gguf",
-    ...)` takes. Raises UserError when the path cannot run here."""
+    ...)` takes. With `quantize_rest` (a draft) every other float32 linear whose width is a multiple of 32 is
+    quantized to Q8_0 (`quantize_q8_0`): a draft's own layers then run on blocks too, their proposals off by
+    Q8_0 rounding, which changes what is accepted, never the output. Raises UserError when the path cannot run
+    here."""
     why = gguf_path_unavailable(target_spec)
     if why is not None:
         raise UserError(f"--kernel gguf cannot run here: {why}; pass --kernel plain or onednn")
-    return _blocks_of(gguf_source(target_spec)).linears_found(module), blocks_kernel().matmul
+    found = _blocks_of(gguf_source(target_spec)).linears_found(module)
+    if quantize_rest:
+        found.update({child: quantize_q8_0(child.weight) for child in module.modules()
+                      if type(child) is nn.Linear and child not in found and child.weight.dtype == torch.float32
+                      and child.in_features % BLOCK == 0})
+    return found, blocks_kernel().matmul

@@ -1,4 +1,5 @@
-"""The suite's one compiled kernel (engine/gguf_blocks.c), built on first use with the machine's C compiler.
+"""The suite's compiled kernels (engine/gguf_blocks.c, engine/llama_layer.c), built on first use with the
+machine's C compiler.
 
 Plain C with AVX2/FMA intrinsics and OpenMP, loaded with ctypes: no torch headers, so it builds in about a
 second. The shared library is cached under `cache_dir()/kernels/`, keyed by the source, the flags and the
@@ -19,19 +20,24 @@ from pathlib import Path
 
 import torch
 
-from engine.gguf_blocks import BlockMatmul, BlockWeight
+from engine.gguf_blocks import BlockLinear, BlockMatmul, BlockWeight, FusedBlockLinear
+from engine.kv_cache import KVCache
+from engine.native_layers import LayerStep
 from utils.models import cache_dir
 
-SOURCE = Path(__file__).resolve().parent.parent / "engine" / "gguf_blocks.c"
+ENGINE = Path(__file__).resolve().parent.parent / "engine"
+SOURCES = (ENGINE / "gguf_blocks.c", ENGINE / "llama_layer.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 NEEDED_ISA = ("avx2", "fma")
 
 
 @dataclass(frozen=True)
 class KernelBuild:
-    """The loaded kernel (`matmul`), or None and `why` it is not available here."""
+    """The loaded kernels (`matmul`; `layer`, engine/llama_layer.c's function as bound by ctypes), or None and
+    `why` they are not available here."""
 
     matmul: BlockMatmul | None
+    layer: ctypes._CFuncPtr | None = None
     why: str = ""
 
 
@@ -53,18 +59,23 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """Compile the kernel once per (source, flags, compiler version); the file appears whole or not at all."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(_sources_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"gguf_blocks-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True,
+                                text=True)
         if result.returncode != 0:
             raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
         os.replace(built, target)
     return target
+
+
+def _sources_bytes() -> bytes:
+    return b"".join(source.read_bytes() for source in SOURCES)
 
 
 def _bind(library: ctypes.CDLL) -> BlockMatmul:
@@ -87,7 +98,7 @@ def _bind(library: ctypes.CDLL) -> BlockMatmul:
 def gguf_kernel_version() -> str:
     """The kernel source's digest, or why it cannot run here: part of the calibration key."""
     build = blocks_kernel()
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12] if build.matmul else f"none: {build.why}"
+    return hashlib.sha256(_sources_bytes()).hexdigest()[:12] if build.matmul else f"none: {build.why}"
 
 
 @functools.cache
@@ -95,13 +106,84 @@ def blocks_kernel() -> KernelBuild:
     """The compiled block kernel for this process (built or loaded once), or why there is none."""
     missing = [flag for flag in NEEDED_ISA if flag not in cpu_flags()]
     if missing:
-        return KernelBuild(None, f"the CPU lacks {', '.join(missing)}")
+        return KernelBuild(None, why=f"the CPU lacks {', '.join(missing)}")
     compiler = _compiler()
     if compiler is None:
-        return KernelBuild(None, "no C compiler (cc or gcc) on PATH")
+        return KernelBuild(None, why="no C compiler (cc or gcc) on PATH")
     try:
         # torch has already loaded its OpenMP runtime (libgomp.so.1): the kernel binds to that one, so its
         # threads are torch's threads, not a second pool competing for the same cores
-        return KernelBuild(_bind(ctypes.CDLL(str(_build(compiler)))))
+        library = ctypes.CDLL(str(_build(compiler)))
+        return KernelBuild(_bind(library), _bind_layer(library))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        return KernelBuild(None, f"building engine/gguf_blocks.c failed: {exc}")
+        return KernelBuild(None, why=f"building the kernels in engine/ failed: {exc}")
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("quants", ctypes.c_void_p), ("rows", ctypes.c_long), ("cols", ctypes.c_long),
+                ("bias", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):  # engine/llama_layer.c's Layer
+    _fields_ = [("hidden", ctypes.c_long), ("heads", ctypes.c_long), ("kv_heads", ctypes.c_long),
+                ("head_dim", ctypes.c_long), ("ffn", ctypes.c_long), ("eps", ctypes.c_float),
+                ("norm_in", ctypes.c_void_p), ("norm_post", ctypes.c_void_p), ("qkv", _Matrix), ("o", _Matrix),
+                ("gate_up", _Matrix), ("down", _Matrix)]
+
+
+def _bind_layer(library: ctypes.CDLL) -> ctypes._CFuncPtr:
+    function = library.llama_layer
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.POINTER(_Layer), ctypes.c_long] + [ctypes.c_void_p] * 5 + \
+        [ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+    return function
+
+
+def _matrix(linear: BlockLinear | FusedBlockLinear) -> _Matrix:
+    bias = linear.bias.detach() if linear.bias is not None else None
+    weight = linear.blocks
+    return _Matrix(linear.kernel_id, weight.scales.data_ptr(), weight.mins.data_ptr(), weight.quants.data_ptr(),
+                   weight.out_features, weight.in_features, None if bias is None else bias.data_ptr())
+
+
+def _layer_struct(layer: torch.nn.Module, heads: int, kv_heads: int, head_dim: int) -> _Layer | None:
+    """The C description of one transformers Llama-style decoder layer, or None where the native layer cannot
+    run it (a projection off the blocks, a norm or activation of another kind)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, gate_up = getattr(attn, "qkv_fused", None), getattr(mlp, "gate_up_fused", None)
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if not (isinstance(qkv, FusedBlockLinear) and isinstance(gate_up, FusedBlockLinear)
+            and isinstance(attn.o_proj, BlockLinear) and isinstance(mlp.down_proj, BlockLinear)):
+        return None
+    if any(type(norm).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm") for norm in norms) or \
+            any(norm.weight.dtype != torch.float32 for norm in norms) or \
+            type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation") or any(hasattr(attn, name) for name in ("q_norm", "k_norm")):
+        return None
+    ffn = mlp.down_proj.in_features
+    return _Layer(layer.input_layernorm.weight.shape[0], heads, kv_heads, head_dim, ffn,
+                  layer.input_layernorm.variance_epsilon, norms[0].weight.data_ptr(), norms[1].weight.data_ptr(),
+                  _matrix(qkv), _matrix(attn.o_proj), _matrix(gate_up), _matrix(mlp.down_proj))
+
+
+def native_layer_step(layers: list[torch.nn.Module], heads: int, kv_heads: int, head_dim: int) -> LayerStep | None:
+    """engine/llama_layer.c as a `LayerStep` for these decoder layers (on the "gguf" path, float32), or None
+    when the kernels are not built here or some layer is not one it runs. The layers' weights must stay where
+    they are (the step holds their addresses, and the modules, for as long as it lives)."""
+    function = blocks_kernel().layer
+    structs = [_layer_struct(layer, heads, kv_heads, head_dim) for layer in layers]
+    if function is None or not structs or any(struct is None for struct in structs):
+        return None
+    pointers = [ctypes.pointer(struct) for struct in structs]
+
+    def step(index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_slots: torch.Tensor,
+             mask: torch.Tensor, cache: KVCache) -> None:
+        keys, values = cache.keys[index], cache.values[index]
+        status = function(pointers[index], hidden.shape[0], hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                          keys.data_ptr(), values.data_ptr(), cache.max_len, kv_slots.data_ptr(), mask.data_ptr(),
+                          mask.shape[1], torch.get_num_threads())
+        if status:
+            raise ValueError("native Llama layer: widths must be multiples of 32 and head_dim a multiple of 8")
+
+    step.layers = layers  # keeps the weights the structs point into alive
+    return step

@@ -12,7 +12,7 @@ from utils.models import cache_dir
 from utils.native_kernels import gguf_kernel_version
 from utils.report import write_json
 
-FORMAT = 2  # bump when the measurement changes meaning: older files are then recalibrated
+FORMAT = 3  # bump when the measurement changes meaning: older files are then recalibrated
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
              "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 ISA_OVERRIDES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
