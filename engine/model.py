@@ -120,7 +120,8 @@ class TreeModel:
                    attn_mask: torch.Tensor, keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The decoder stack over the cache: embedded [n, d] -> (final normed hidden states [n, d], the states
         named in `keep` [n, d] each, in `keep`'s order, numbered as `forward`'s hidden_layers)."""
-        if self.layer_step is not None and embedded.dtype == torch.float32 and embedded.device.type == "cpu":
+        if self.layer_step is not None and embedded.dtype == torch.float32 and embedded.device.type == "cpu" \
+                and attn_mask.dtype == torch.bool:
             hidden, kept = native_stack(self.layer_step, len(self.layers), embedded, self.rotary, positions,
                                         kv_slots, attn_mask, self.cache, keep)
             final = self.norm(hidden)

@@ -36,7 +36,7 @@ def native_stack(step: LayerStep, num_layers: int, embedded: torch.Tensor, rotar
     hidden = embedded.contiguous().clone()
     cos, sin = rotary(hidden[None], positions[None])
     cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
-    mask, slots = attn_mask.contiguous(), kv_slots.contiguous()
+    mask, slots = attn_mask.contiguous(), kv_slots.to(torch.long).contiguous()
     states = {0: hidden.clone()} if 0 in keep else {}
     for index in range(num_layers):
         step(index, hidden, cos, sin, slots, mask, cache)

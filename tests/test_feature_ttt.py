@@ -22,6 +22,7 @@ from utils.errors import UserError
 from utils.models import load_feature_net
 from utils.training import train
 from utils.training.common import checkpoints
+from utils.training.feature_loop import widen_to_layers
 from utils.training.settings import parse_target_layers
 
 
@@ -129,6 +130,28 @@ def test_a_final_state_draft_keeps_the_older_format(tmp_path, tiny_target, text_
     assert not any(key.startswith("target_fc") for key in load_file(str(ckpt / "model.safetensors")))
     net, _ = load_feature_net(ckpt, LlamaForCausalLM.from_pretrained(tiny_target))
     assert net.target_layers is None and net.target_fc is None
+
+
+def test_a_final_state_draft_widens_to_fused_layers_unchanged_then_trains(tmp_path, tiny_target, text_file):
+    """--init of a last-layer draft with --target-layers including last: the widened draft starts out computing
+    exactly what the old one did (target_fc selects the final state), and trains and saves as a fused draft."""
+    first = tmp_path / "first"
+    train(feature_settings(first, tiny_target, text_file, max_steps=5, save_steps=5))
+    old = checkpoints(first)[-1]
+    target_hf = LlamaForCausalLM.from_pretrained(tiny_target)
+    net, _ = load_feature_net(old, target_hf)
+    wide = widen_to_layers(net, (1, 2), 2)
+    tokens = torch.tensor(random_prompt(12, 40, 2))[None]
+    states = torch.randn(1, 12, 2 * 48)
+    with torch.no_grad():
+        assert torch.equal(wide(tokens, states, steps=2), net(tokens, states[..., 48:], steps=2))
+    widened = tmp_path / "widened"
+    train(feature_settings(widened, tiny_target, text_file, init=str(old), target_layers="1,last", max_steps=5,
+                           save_steps=5))
+    marker = json.loads((checkpoints(widened)[-1] / "config.json").read_text())["treespec_feature_draft"]
+    assert marker == {"layers": 1, "target_layers": [1, 2]}
+    with pytest.raises(UserError, match="widened"):  # a choice without the final state cannot start from it
+        train(feature_settings(tmp_path / "bad", tiny_target, text_file, init=str(old), target_layers="0,1"))
 
 
 def test_target_layer_names_and_bad_choices(tmp_path, tiny_target, text_file):

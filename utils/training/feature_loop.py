@@ -14,6 +14,7 @@ layers, fused by its input projection; the final hidden state is then kept besid
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from collections.abc import Callable
@@ -269,14 +270,37 @@ def feature_net_to_train(s: TrainSettings, target, tokenizer, train_data, init: 
         check_tokenizer_match(load_tokenizer(str(init)), tokenizer, str(init), s.target)
         net, _ = load_feature_net(init, target)
         if s.target_layers != TrainSettings.target_layers and layers != net.target_layers:
+            last = target.config.num_hidden_layers
+            if net.target_layers is None and layers is not None and last in layers:
+                return widen_to_layers(net, layers, last), load_draft_vocab(str(init)), None
             raise UserError(f"--target-layers {s.target_layers!r} differs from the layers {init} reads "
-                            f"({net.target_layers or 'last'}): a draft keeps the layers it was trained on")
+                            f"({net.target_layers or 'last'}): a draft keeps the layers it was trained on, except "
+                            "that a draft of the last layer can be widened to a choice that includes it "
+                            "(e.g. low,mid,last)")
         return net, load_draft_vocab(str(init)), None
     vocab, coverage = choose_subset(s, tokenizer, train_data)
     head_list = vocab.draft_to_target if vocab is not None else None
     config = feature_config(target.config, s.num_layers or 1, s.intermediate_size, layers)
     net = FeatureDraftNet(config, target.get_input_embeddings().weight, head_weight(target, head_list))
     return net, vocab, coverage
+
+
+def widen_to_layers(net: FeatureDraftNet, layers: tuple[int, ...], last: int) -> FeatureDraftNet:
+    """A draft that reads the target's final hidden state (index `last`) as one that reads `layers`, which include
+    it: `target_fc` starts as the plain selection of that state (identity on its block, zeros elsewhere), so the
+    widened draft computes exactly what `net` computed, and training then teaches it to use the other layers.
+    A fused-layer draft warm-started in minutes from a trained one, rather than trained from scratch."""
+    config = copy.deepcopy(net.config)
+    getattr(config, FEATURE_DRAFT_KEY)["target_layers"] = list(layers)
+    wide = FeatureDraftNet(config, net.embed.weight, net.head.weight).to(net.fc.weight.dtype)
+    missing, unexpected = wide.load_state_dict(net.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("target_fc.") for k in missing), (missing, unexpected)
+    d, block = config.hidden_size, layers.index(last)
+    with torch.no_grad():
+        wide.target_fc.weight.zero_()
+        wide.target_fc.bias.zero_()
+        wide.target_fc.weight[:, block * d:(block + 1) * d] = torch.eye(d, dtype=wide.target_fc.weight.dtype)
+    return wide
 
 
 def noisy_states(states: torch.Tensor, s: TrainSettings, step: int, noise_std: float) -> torch.Tensor:
