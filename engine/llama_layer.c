@@ -149,7 +149,8 @@ static void attention(const float *qkv, long n, long width, const Layer *L, cons
 
 // h [n, hidden] float32 is updated in place; cos/sin [n, head_dim]; keys/values: this layer's cache
 // [kv_heads, max_len, head_dim], rows kv_slots [n] written before attention; mask [n, S] bool (1 = attend).
-// Returns 0, or 1 for a width the kernels do not take (widths multiples of 32, head_dim of 8 and <= 512).
+// Returns 0; 1 for a width the kernels do not take (widths multiples of 32, head_dim of 8 and <= 512); 2 when
+// out of memory.
 int llama_layer(const Layer *L, long n, float *h, const float *cos, const float *sin, float *keys, float *values,
                 long max_len, const int64_t *kv_slots, const uint8_t *mask, long S, int threads) {
     const long d = L->hidden, hd = L->head_dim, ffn = L->ffn;
@@ -159,6 +160,10 @@ int llama_layer(const Layer *L, long n, float *h, const float *cos, const float 
     float *att = malloc(sizeof(float) * n * nq), *out = malloc(sizeof(float) * n * d);
     float *gate_up = malloc(sizeof(float) * n * 2 * ffn), *act = malloc(sizeof(float) * n * ffn);
     int status = 0;
+    if (!x || !qkv || !att || !out || !gate_up || !act) {
+        free(x); free(qkv); free(att); free(out); free(gate_up); free(act);
+        return 2;
+    }
 
     rms_norm(h, L->norm_in, n, d, L->eps, x);
     status |= matmul(&L->qkv, x, n, qkv, threads);

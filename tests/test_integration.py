@@ -37,8 +37,14 @@ def test_speculative_equals_autoregressive_and_generate(pair):
     tokenizer = load_tokenizer(None)
     prompts = load_prompts("builtin", tokenizer, 0, 3, 64)
     growmap_path = DEFAULTS.growmap if load_growmap_exists(DEFAULTS.growmap) else REPO_ROOT / "growmaps" / "68m_7b-64.pt"
-    drafter = StaticTreeDrafter(pair.draft, load_growmap(growmap_path), Sampling(), sample_children=False)
-    hf = pair.target.hf_model
+    assert_speculative_equals_autoregressive_and_generate(pair, load_growmap(growmap_path), pair.target.hf_model,
+                                                          prompts)
+
+
+def assert_speculative_equals_autoregressive_and_generate(pair, growmap, hf, prompts) -> None:
+    """Static-tree greedy output == the engine's autoregressive output == `hf`'s own greedy generate, 24 tokens
+    of each prompt, and the tree never took more target steps."""
+    drafter = StaticTreeDrafter(pair.draft, growmap, Sampling(), sample_children=False)
     for prompt in prompts:
         spec = speculative_generate(pair.target, drafter, prompt.ids, 24, pair.eos_ids, Sampling(), "greedy",
                                     torch.Generator())
@@ -69,14 +75,7 @@ def test_gguf_path_with_native_layers_equals_plain_generate():
         pair = load_pair(None, None, True, torch.float32, "cpu", 512, plans=(plan, plan))
         assert pair.target.layer_step is not None and pair.draft.layer_step is not None
         plain = load_pair(None, None, False, torch.float32, "cpu", 512).target.hf_model
-        drafter = StaticTreeDrafter(pair.draft, load_growmap(DEFAULTS.growmap), Sampling(), sample_children=False)
-        for prompt in load_prompts("builtin", load_tokenizer(None), 0, 3, 64):
-            spec = speculative_generate(pair.target, drafter, prompt.ids, 24, pair.eos_ids, Sampling(), "greedy",
-                                        torch.Generator())
-            ar = autoregressive_generate(pair.target, prompt.ids, 24, pair.eos_ids, Sampling(), torch.Generator())
-            ids = torch.tensor([prompt.ids])
-            out = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
-            assert spec.output_ids == ar.output_ids == out[0, len(prompt.ids):].tolist()
-            assert spec.target_steps < ar.target_steps
+        assert_speculative_equals_autoregressive_and_generate(pair, load_growmap(DEFAULTS.growmap), plain,
+                                                              load_prompts("builtin", load_tokenizer(None), 0, 3, 64))
     finally:
         torch.set_num_threads(UNIT_TEST_THREADS)

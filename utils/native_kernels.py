@@ -156,9 +156,10 @@ def _layer_struct(layer: torch.nn.Module, heads: int, kv_heads: int, head_dim: i
     if not (isinstance(qkv, FusedBlockLinear) and isinstance(gate_up, FusedBlockLinear)
             and isinstance(attn.o_proj, BlockLinear) and isinstance(mlp.down_proj, BlockLinear)):
         return None
-    if any(type(norm).__name__ not in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm") for norm in norms) or \
-            any(norm.weight.dtype != torch.float32 for norm in norms) or \
-            type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation") or any(hasattr(attn, name) for name in ("q_norm", "k_norm")):
+    plain_norms = all(type(norm).__name__ in ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+                      and norm.weight.dtype == torch.float32 for norm in norms)
+    silu = type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
+    if not plain_norms or not silu or hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
         return None
     ffn = mlp.down_proj.in_features
     return _Layer(layer.input_layernorm.weight.shape[0], heads, kv_heads, head_dim, ffn,
@@ -182,6 +183,8 @@ def native_layer_step(layers: list[torch.nn.Module], heads: int, kv_heads: int, 
         status = function(pointers[index], hidden.shape[0], hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                           keys.data_ptr(), values.data_ptr(), cache.max_len, kv_slots.data_ptr(), mask.data_ptr(),
                           mask.shape[1], torch.get_num_threads())
+        if status == 2:
+            raise MemoryError("native Llama layer: out of memory for its work buffers")
         if status:
             raise ValueError("native Llama layer: widths must be multiples of 32 and head_dim a multiple of 8")
 
