@@ -59,7 +59,8 @@ HELP = {
     "target_layers": "--arch feature: target layers the draft reads, fused by its input projection: last (the "
                      "final hidden state, as the shipped draft), or comma-separated indices in transformers' "
                      "hidden_states numbering and names low, mid, high (EAGLE-3's 2, L//2, L-3), last (L); "
-                     "kept in the checkpoint",
+                     "kept in the checkpoint; with --init of a last-layer draft, a choice that includes last "
+                     "widens it (starting out exactly as that draft)",
     "seq_len": "longest training window, in tokens (rows are split, never joined)",
     "batch_size": "windows per optimizer step (per process)",
     "lr": "peak learning rate (AdamW)",

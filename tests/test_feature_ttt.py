@@ -22,7 +22,7 @@ from utils.errors import UserError
 from utils.models import load_feature_net
 from utils.training import train
 from utils.training.common import checkpoints
-from utils.training.feature_loop import widen_to_layers
+from utils.training.feature_loop import noise_scale, widen_to_layers
 from utils.training.settings import parse_target_layers
 
 
@@ -152,6 +152,17 @@ def test_a_final_state_draft_widens_to_fused_layers_unchanged_then_trains(tmp_pa
     assert marker == {"layers": 1, "target_layers": [1, 2]}
     with pytest.raises(UserError, match="widened"):  # a choice without the final state cannot start from it
         train(feature_settings(tmp_path / "bad", tiny_target, text_file, init=str(old), target_layers="0,1"))
+
+
+def test_feature_noise_is_scaled_per_target_layer():
+    """Noise is a share of each layer's own std: an early residual stream ~100x the final state's scale must not
+    drown the final state (a single std over all layers did)."""
+    generator = torch.Generator().manual_seed(0)
+    states = torch.cat([100 * torch.randn(50, 7, 16, generator=generator),
+                        torch.randn(50, 7, 16, generator=generator)], dim=-1)
+    scale = noise_scale(states, 16, 0.1)
+    assert scale.shape == (32,) and torch.all(scale[:16] == scale[0]) and torch.all(scale[16:] == scale[16])
+    assert 9 < float(scale[0]) < 11 and 0.09 < float(scale[16]) < 0.11
 
 
 def test_target_layer_names_and_bad_choices(tmp_path, tiny_target, text_file):

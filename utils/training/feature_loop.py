@@ -303,11 +303,19 @@ def widen_to_layers(net: FeatureDraftNet, layers: tuple[int, ...], last: int) ->
     return wide
 
 
-def noisy_states(states: torch.Tensor, s: TrainSettings, step: int, noise_std: float) -> torch.Tensor:
-    """The target's states [b, n, d or k * d] plus Gaussian noise, drawn from the step's own generator so that a
-    resumed run repeats them exactly."""
+def noise_scale(states: torch.Tensor, hidden_size: int, share: float) -> torch.Tensor:
+    """[k * d] the noise std for each column of the states a draft reads ([..., k * d]): `share` of each layer's
+    own std. Per layer, because the layers differ in scale by orders of magnitude (the residual stream after an
+    early layer against the final normed state): one std over all of them drowns the small ones in noise."""
+    per_layer = states.float().reshape(-1, states.shape[-1] // hidden_size, hidden_size).std(dim=(0, 2))
+    return (share * per_layer).repeat_interleave(hidden_size)
+
+
+def noisy_states(states: torch.Tensor, s: TrainSettings, step: int, noise_std: torch.Tensor) -> torch.Tensor:
+    """The target's states [b, n, d or k * d] plus Gaussian noise of std `noise_std` [d or k * d] (`noise_scale`),
+    drawn from the step's own generator so that a resumed run repeats them exactly."""
     step_rng = torch.Generator(device=states.device).manual_seed(s.seed * 1_000_003 + step)
-    noise = noise_std * torch.randn(states.shape, generator=step_rng, device=states.device)
+    noise = noise_std.to(states.device) * torch.randn(states.shape, generator=step_rng, device=states.device)
     return states + noise.to(states.dtype)
 
 
@@ -368,14 +376,14 @@ def train_feature_draft(s: TrainSettings) -> dict[str, float]:
                                                  out_dir / ("heldout_" + FEATURE_CACHE), layers)
     del load_target
     hidden_size = net.config.hidden_size
-    noise_std = s.feature_noise * float(split_states(features[:100_000], hidden_size)[1].float().std())
+    noise_std = noise_scale(split_states(features[:100_000], hidden_size)[1], hidden_size, s.feature_noise)
     net, optimizer = accelerator.prepare(net, optimizer)
     unwrapped = accelerator.unwrap_model(net)
     if accelerator.is_main_process:
         write_run_info(out_dir, s, {
             "train_rows": train_data.num_rows, "train_tokens": int(starts[-1]), "heldout_rows": held.num_rows,
             "heldout_tokens": int(held_starts[-1]), "vocab_coverage_train": coverage,
-            "vocab_coverage_heldout": heldout_coverage(held, vocab), "noise_std": noise_std,
+            "vocab_coverage_heldout": heldout_coverage(held, vocab), "noise_std": noise_std[::hidden_size].tolist(),
             "trained_parameters": sum(p.numel() for p in params)})
 
     def losses(mine: list[int], step: int) -> dict[str, torch.Tensor]:
