@@ -180,6 +180,33 @@ def test_all_turns_put_the_models_answer_in_the_history(tiny_tokenizer, tmp_path
     assert next_turn(tiny_tokenizer, follow, answer) is None
 
 
+ORIGINAL_LLAVA_ROWS = REPO_ROOT.parent / "shared" / "original" / "instruct150k_subset.json"
+
+
+def test_sharegpt_conversations_ask_the_user_turns(tiny_tokenizer, tmp_path):
+    """ShareGPT / LLaVA-Instruct rows: the human turns are the chat turns, LLaVA's <image> placeholder dropped,
+    the recorded answers unused."""
+    rows = [{"id": "a", "conversations": [{"from": "human", "value": "What is shown?\n<image>"},
+                                          {"from": "gpt", "value": "A cat."},
+                                          {"from": "human", "value": "Which colour?"}]}]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(rows))
+    (prompt,) = load_prompts(str(path), tiny_tokenizer, 0, 1, prompt_len=64, turns="all")
+    assert prompt.kind == data.CHAT_KIND and prompt.text == "What is shown?"
+    assert prompt.ids == _chat(tiny_tokenizer, [("user", "What is shown?")])
+    assert prompt.later_turns == ("Which colour?",)
+    path.write_text(json.dumps([{"conversations": [{"from": "gpt", "value": "no question"}]}]))
+    with pytest.raises(UserError, match="no turn from 'human'"):
+        load_texts(str(path))
+
+
+@pytest.mark.skipif(not ORIGINAL_LLAVA_ROWS.is_file(), reason="the original project's LLaVA-Instruct rows are absent")
+def test_the_originals_llava_instruct_rows_read_as_text_questions():
+    rows = load_texts(str(ORIGINAL_LLAVA_ROWS), 0, 3)
+    assert [kind for kind, _ in rows] == [data.CHAT_KIND] * 3
+    assert rows[0][1] == "What could be the reason for the woman raising her cell phone in the air?"
+
+
 @pytest.mark.parametrize("turns", data.TURNS)
 def test_mtbench_on_the_hub_and_a_local_question_file_give_the_same_prompts(tiny_tokenizer, tmp_path, monkeypatch,
                                                                            turns):

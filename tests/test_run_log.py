@@ -22,6 +22,7 @@ from utils.run_log import read_rows
 TIMING = ("seconds", "time_split", "baseline_seconds", "baseline_time_split")
 FIGURES = ("prompts", "new_tokens", "target_steps", "mean_accepted_tokens", "acceptance_by_depth")
 PROMPTS = 40
+ROW_PAUSE_S = 0.25  # the interrupted run: at most ~10 s in all
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
@@ -62,8 +63,13 @@ def test_uninterrupted_run_is_complete(uninterrupted):
 
 def test_ctrl_c_keeps_partial_results_and_resume_finishes_them(exact_args, uninterrupted, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen([sys.executable, SCRIPT, *exact_args, "--results-dir", str(tmp_path)], cwd=REPO_ROOT,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # each written row is followed by a short pause, so that the tiny models cannot finish all the prompts
+    # between two looks at the file (the run is stopped after its second row)
+    slowed = (f"import runpy, sys, time; from utils.run_log import RowWriter; append = RowWriter.append; "
+              f"RowWriter.append = lambda self, row: (append(self, row), time.sleep({ROW_PAUSE_S}))[0]; "
+              f"sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    process = subprocess.Popen([sys.executable, "-c", slowed, SCRIPT, *exact_args, "--results-dir", str(tmp_path)],
+                               cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:  # stop once the first rows are on disk
         files = list(tmp_path.glob("*.jsonl"))

@@ -34,9 +34,14 @@ TOKENS_KIND = "tokens"          # a pre-tokenized row (`input_tokens`) made with
 
 # Text fields tried in this order; the first present in a row wins. A list of strings is a conversation's user
 # turns (MT-bench's question.jsonl has `turns`; its hub copy calls them `prompt`).
-TEXT_FIELDS = ("text", "article", "prompt", "instruction", "content", "turns")
+TEXT_FIELDS = ("text", "article", "prompt", "instruction", "content", "turns", "conversations")
 # Fields that hold a request to a chat model rather than text to continue.
-CHAT_FIELDS = frozenset({"prompt", "instruction", "turns"})
+CHAT_FIELDS = frozenset({"prompt", "instruction", "turns", "conversations"})
+# ShareGPT / LLaVA-Instruct rows: `conversations` is [{"from": "human" | "gpt", "value": ...}, ...] (EAGLE's
+# training data is in this format); the user turns are asked, the recorded answers are not used.
+CONVERSATION_FIELD = "conversations"
+USER_SPEAKERS = frozenset({"human", "user"})
+IMAGE_PLACEHOLDER = "<image>"   # LLaVA-Instruct marks the image's place; a text model gets the question alone
 TOKENS_FIELD = "input_tokens"
 TURNS = ("first", "all")
 
@@ -114,6 +119,17 @@ def _as_turns(value: Any, where: str) -> tuple[str, ...]:
     raise UserError(f"{where}: the text field must be a string or a list of strings, got {type(value).__name__}")
 
 
+def _conversation_turns(value: Any, where: str) -> tuple[str, ...]:
+    """The user turns of a ShareGPT/LLaVA-Instruct `conversations` list, LLaVA's image placeholder removed."""
+    if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
+        raise UserError(f"{where}: {CONVERSATION_FIELD} must be a list of {{from, value}} objects")
+    turns = tuple(t.get("value").replace(IMAGE_PLACEHOLDER, "").strip() for t in value
+                  if t.get("from") in USER_SPEAKERS and isinstance(t.get("value"), str))
+    if not turns:
+        raise UserError(f"{where}: {CONVERSATION_FIELD} has no turn from 'human' or 'user'")
+    return turns
+
+
 def _as_ids(value: Any, where: str) -> tuple[int, ...]:
     """`input_tokens` as the original project stored them: [ids] or [[ids]] (a batch of one)."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
@@ -144,7 +160,8 @@ def _row_from_object(obj: Any, where: str, kind: str | None = None, field: str |
     found = next((f for f in fields if obj.get(f) is not None), None)
     if found is None:
         raise UserError(f"{where}: no text field (tried {', '.join(fields)}) and no {TOKENS_FIELD}")
-    return _Row(kind or _explicit_kind(obj, where) or default_kind(found), _as_turns(obj[found], where))
+    turns = (_conversation_turns if found == CONVERSATION_FIELD else _as_turns)(obj[found], where)
+    return _Row(kind or _explicit_kind(obj, where) or default_kind(found), turns)
 
 
 class _Rows(Sequence):
