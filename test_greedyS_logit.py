@@ -81,15 +81,16 @@ def main() -> None:
     validate(args, parser)
     processes = start_processes(args.device)
     device = processes.device or args.device
-    log = processes.share(open_run(args.results_dir, args.resume, SCRIPT, vars(args)) if processes.main else None)
     dtype = resolve_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.target)
-    prompts = prompts_from_args(args, tokenizer)  # fail fast on bad data
+    prompts = prompts_from_args(args, tokenizer)
     pair = load_pair(args.target, None, False, dtype, device, args.M, tokenizer, target_loader(args, device))
     drafts = dict(load_draft(spec, args.target, pair.target, dtype, device, args.M) for spec in args.model)
     if len(drafts) != len(args.model):
         raise UserError("--model names the same draft twice")
     names = list(drafts)
+    # opened once the data and models have loaded: a run that fails before its first prompt leaves no files
+    log = processes.share(open_run(args.results_dir, args.resume, SCRIPT, vars(args)) if processes.main else None)
     header = {"script": SCRIPT, "flags": vars(args), "target": pair.target_name, "drafts": names,
               "dtype": str(dtype).removeprefix("torch."), "device": args.device, "versions": library_versions(),
               "hardware": hardware(), "seed": args.seed, "dataset": args.dataset, "range": [args.start, args.end],

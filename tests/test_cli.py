@@ -199,3 +199,20 @@ def test_unreachable_hub_is_found_out_in_seconds(monkeypatch):
     with pytest.raises(UserError, match="unreachable"):
         load_tokenizer("meta-llama/Llama-2-13b-hf")
     assert time.monotonic() - began < 5.0
+
+
+@pytest.mark.parametrize("case", ["bad row", "start past dataset", "vocab mismatch", "broken model folder"])
+def test_a_run_that_fails_before_its_first_prompt_leaves_no_result_files(case, tiny_args, tiny_model_dirs, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Bad data or a bad model is found before the run's results files are written, so no empty run is left."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "a fine row"}) + "\n" + json.dumps({"title": "no text"}) + "\n")
+    extra = {"bad row": ["--dataset", str(rows)],
+             "start past dataset": ["--start", "500", "--end", "510"],
+             "vocab mismatch": ["--model", tiny_model_dirs["other_vocab"]],
+             "broken model folder": ["--model", _broken_copy(tiny_model_dirs["draft"], tmp_path / "broken",
+                                                             "missing weights")]}[case]
+    results = tmp_path / "results"
+    code, stderr = run_in_process(monkeypatch, capsys, *tiny_args, *extra, "--results-dir", str(results))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert not list(results.glob("*")), sorted(path.name for path in results.glob("*"))

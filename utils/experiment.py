@@ -459,8 +459,13 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     tree_size += lookup
     if load is None:
         check_kv_slots(args, args.prompt_len, tree_size)
-    flags = describe_args(args)
-    log = processes.share(open_run(args.results_dir, args.resume, script, flags) if processes.main else None)
+        tokenizer = load_tokenizer(args.target)
+        # bad data fails here, before the run's result files exist (validate_common checked --results-dir)
+        prompts = prompts_from_args(args, tokenizer)
+        turns = 1 + max(len(p.later_turns) for p in prompts)
+        if turns > 1 and turns * (args.prompt_len + args.max_new_tokens) + tree_size > args.M:
+            raise UserError(f"--M {args.M} is too small for {turns}-turn conversations: each turn adds up to a "
+                            f"prompt ({args.prompt_len}) and an answer ({args.max_new_tokens}) to the next turn's prompt")
     sampling = Sampling(args.T, args.P)
     verifier = "greedy" if sampling.greedy else args.verify
     lossless = LOSSLESS[verifier]
@@ -471,16 +476,12 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
         verifier, lossless = verifier_override, verifier_override.lossless
     name = verifier if isinstance(verifier, str) else verifier.name
     quality = (quality or not lossless) and sampling.greedy and args.Mode != "baseline"
+    flags = describe_args(args)
+    log = processes.share(open_run(args.results_dir, args.resume, script, flags) if processes.main else None)
     if kernels and processes.main:
         emit(kernels.line)
     plans = (kernels.target, kernels.draft) if kernels else None
     if load is None:
-        tokenizer = load_tokenizer(args.target)
-        prompts = prompts_from_args(args, tokenizer)  # fail fast on bad data
-        turns = 1 + max(len(p.later_turns) for p in prompts)
-        if turns > 1 and turns * (args.prompt_len + args.max_new_tokens) + tree_size > args.M:
-            raise UserError(f"--M {args.M} is too small for {turns}-turn conversations: each turn adds up to a "
-                            f"prompt ({args.prompt_len}) and an answer ({args.max_new_tokens}) to the next turn's prompt")
         workload = Workload(load_pair(args.target, args.model, args.Mode != "baseline", dtype, device, args.M,
                                       tokenizer, load_target, plans, cuda_graphs=args.cuda_graphs), prompts)
     else:

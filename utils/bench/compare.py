@@ -322,7 +322,6 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
     dynamic = dynamic_shape(args, growmap)
     emit(kernels.line)
     dtype = kernels.target.dtype
-    log = open_run(args.results_dir, args.resume, "bench", vars(args))
     max_len = args.prompt_len + args.max_new_tokens + max(growmap.size, dynamic.slots_bound()) + args.lookup + 1
     pair = load_pair(args.target, args.model, need_draft, dtype, args.device, max_len,
                      plans=(kernels.target, kernels.draft), cuda_graphs=args.cuda_graphs)
@@ -342,6 +341,7 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
                             suite_lookup_ngram=args.lookup_ngram)
     for note in setup.notes:
         emit(f"note: {note}")
+    log = open_run(args.results_dir, args.resume, "bench", vars(args))  # a run failing before this leaves no files
     header = {
         "script": "bench", "flags": vars(args), "methods_run": methods, "target": pair.target_name,
         "draft": pair.draft_name, "dtype": str(dtype).removeprefix("torch."), "kernels": kernels.record,
