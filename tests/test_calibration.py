@@ -35,6 +35,7 @@ def calls(monkeypatch, tmp_path):
     monkeypatch.setenv("TREESPEC_CACHE", str(tmp_path))
     monkeypatch.setattr(C, "candidates", lambda device, target: PLANS)
     monkeypatch.setattr(C, "measure_pair", fake_measure)
+    monkeypatch.setattr(C, "machine_load", lambda: 0.0)  # a quiet machine, whatever else runs beside the tests
     return log
 
 
@@ -91,6 +92,22 @@ def test_recalibrate_and_a_changed_machine_measure_again(calls, tiny_model_dirs,
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # kernels capped: another machine key, another file
     assert _choose(tiny_model_dirs).record["cache"] == "measured"
     assert len(calls) == 3
+
+
+def test_timings_taken_on_a_busy_machine_are_taken_again_when_it_is_quieter(calls, tiny_model_dirs, monkeypatch,
+                                                                           capsys):
+    load = {"now": 1.6}  # per core: another job on every core
+    monkeypatch.setattr(C, "machine_load", lambda: load["now"])
+    assert _choose(tiny_model_dirs).record["cache"] == "measured"
+    assert "busy (load 1.60 per core)" in capsys.readouterr().out
+    entries = json.loads(profile_path(machine_key()).read_text())["models"].values()
+    assert [entry["load"] for entry in entries] == [1.6, 1.6]
+    assert _choose(tiny_model_dirs).record["cache"] == "hit"  # still busy: kept, not measured over and over
+    load["now"] = 0.1
+    assert _choose(tiny_model_dirs).record["cache"] == "measured"
+    assert "taken on a busy machine; measuring again" in capsys.readouterr().out
+    assert _choose(tiny_model_dirs).record["cache"] == "hit"
+    assert len(calls) == 2
 
 
 def test_baseline_needs_no_draft_and_a_fixed_plan_is_still_profiled(calls, tiny_model_dirs):

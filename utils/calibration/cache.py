@@ -18,6 +18,19 @@ ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx51
 ISA_OVERRIDES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
+BUSY_LOAD = 0.75  # 1-minute load average per usable core above which a profile's timings count as inflated
+
+
+def machine_load() -> float:
+    """The 1-minute load average per core this process may use (0 where the system reports none): how busy
+    the machine is with other work while a profile is measured."""
+    try:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return os.getloadavg()[0] / max(cores, 1)
+    except (OSError, AttributeError):
+        return 0.0
+
+
 def cpu_description(cpuinfo: str) -> tuple[str, list[str]]:
     """(model name, the ISA flags that pick kernel paths) from the text of /proc/cpuinfo."""
     model, flags = "unknown", []

@@ -10,7 +10,8 @@ import torch
 
 from engine.growmap import Growmap
 from engine.linear_paths import LINEAR_PATHS, KernelPlan
-from utils.calibration.cache import machine_key, model_fingerprint, profile_path, read_profile, write_profile
+from utils.calibration.cache import (BUSY_LOAD, machine_key, machine_load, model_fingerprint, profile_path,
+                                     read_profile, write_profile)
 from utils.calibration.measure import CALIBRATION_ROWS, candidates, measure_pair
 from utils.config import DEFAULTS, KERNELS
 from utils.errors import UserError
@@ -106,17 +107,28 @@ def load_profile(args: argparse.Namespace, need_draft: bool) -> Profile:
     key = machine_key()
     path = profile_path(key)
     models, status = read_profile(path, key)
-    missing = [role for role, model_id in ids.items() if args.recalibrate or model_id not in models]
+    load = machine_load()
+    # timings taken while other work loaded the machine are taken again once it is quieter (and only then)
+    busy_then = [role for role, model_id in ids.items()
+                 if load <= BUSY_LOAD < models.get(model_id, {}).get("load", 0.0)]
+    missing = [role for role, model_id in ids.items()
+               if args.recalibrate or model_id not in models or role in busy_then]
     if missing:
         if status == "invalid":
             _note(f"calibration: {path} is unreadable or from another setup; measuring again")
+        if busy_then:
+            _note(f"calibration: the {' and '.join(busy_then)} timings in {path} were taken on a busy machine; "
+                  "measuring again now that it is quieter")
+        if load > BUSY_LOAD:
+            _note(f"calibration: this machine is busy (load {load:.2f} per core): the timings are kept until a "
+                  "quieter run measures them again")
         plans = candidates(args.device, args.target)
         _note(f"calibration: timing {' and '.join(missing)} forwards of {len(CALIBRATION_ROWS)} sizes in "
               f"{len(plans)} dtype/kernel paths (once per machine; cached in {path})")
         target_ms, draft_ms = measure_pair(args.target, draft_spec if "draft" in missing else None, args.device, plans)
         measured = {"target": target_ms, "draft": draft_ms}
         for role in missing:
-            models[ids[role]] = {"rows": list(CALIBRATION_ROWS), "ms": measured[role]}
+            models[ids[role]] = {"rows": list(CALIBRATION_ROWS), "ms": measured[role], "load": round(load, 2)}
         write_profile(path, key, models)
         status = "measured"
     return Profile(allowed, models[ids["target"]], models.get(ids.get("draft")),
