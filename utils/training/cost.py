@@ -7,7 +7,9 @@ import time
 import numpy as np
 import torch
 
+from engine.linear_paths import KernelPlan
 from utils.experiment import load_pair
+from utils.gguf_weights import gguf_path_unavailable
 from utils.models import is_feature_draft, resolve_model_path
 
 @torch.no_grad()
@@ -46,8 +48,10 @@ def engine_step_ms(model, context: int, steps: int, repeats: int) -> float:
     return float(np.median(times))
 
 
-def _cost_row(runtime: str, dtype: torch.dtype, ms: dict[str, float], context: int) -> dict[str, float | str]:
-    return {"runtime": runtime, "dtype": str(dtype).removeprefix("torch."), "target_ms": round(ms["target"], 3),
+def _cost_row(runtime: str, dtype: torch.dtype, ms: dict[str, float], context: int,
+              kernel: str = "plain") -> dict[str, float | str]:
+    return {"runtime": runtime, "dtype": str(dtype).removeprefix("torch."), "kernel": kernel,
+            "target_ms": round(ms["target"], 3),
             "draft_ms": round(ms["draft"], 3), "ratio": round(ms["draft"] / ms["target"], 4),
             "threads": torch.get_num_threads(), "context": context}
 
@@ -55,19 +59,24 @@ def _cost_row(runtime: str, dtype: torch.dtype, ms: dict[str, float], context: i
 def measure_cost(draft: str, target: str | None, context: int = 128, steps: int = 32,
                  repeats: int = 5) -> list[dict[str, float | str]]:
     """Per-token decode cost of draft and target in one process, float32 and bfloat16, and their ratio:
-    through the suite's engine (what the decoder runs), and for a token-level draft also through
-    transformers (batch 1, KV cache)."""
+    through the suite's engine (what the decoder runs) with plain kernels, with both models on the GGUF block
+    kernels where the target is a GGUF file and they build (what calibration picks on most CPUs), and for a
+    token-level draft also through transformers (batch 1, KV cache)."""
     from transformers import AutoModelForCausalLM
 
+    plans = [KernelPlan(torch.float32), KernelPlan(torch.bfloat16)]
+    if gguf_path_unavailable(target) is None:
+        plans.append(KernelPlan(torch.float32, "gguf"))
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        pair = load_pair(target, draft, True, dtype, "cpu", context + 8)
+    for plan in plans:
+        dtype = plan.dtype
+        pair = load_pair(target, draft, True, dtype, "cpu", context + 8, plans=(plan, plan))
         models = {"target": pair.target, "draft": pair.draft}
         for m in models.values():
             engine_step_ms(m, context, 4, 1)  # warm-up
         ms = {name: engine_step_ms(m, context, steps, repeats) for name, m in models.items()}
-        rows.append(_cost_row("engine", dtype, ms, context))
-        if is_feature_draft(draft):
+        rows.append(_cost_row("engine", dtype, ms, context, plan.linear_path))
+        if is_feature_draft(draft) or plan.linear_path != "plain":
             continue
         models = {name: AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=dtype).eval()
                   for name, spec in (("target", target), ("draft", draft))}
