@@ -55,8 +55,8 @@ HELP = {
     "feature_noise": "--arch feature: Gaussian noise on input features during training, as a share of their std",
     "ttt_steps": "--arch feature: training-time test (EAGLE-3): unroll K passes, pass j reading pass j - 1's "
                  "predicted features with a tree chain's attention, as tree nodes at depth j do; loss at every "
-                 "pass, weighted 0.8^j; 1 = teacher-forced only (each step costs about K times as much; 2 measured "
-                 "best per CPU-minute against 1, README)",
+                 "pass, weighted 0.8^j; 1 = teacher-forced only; each step costs about K times as much; not given: "
+                 "2 (measured best per CPU-minute against 1, README)",
     "target_layers": "--arch feature: target layers the draft reads, fused by its input projection: last (the "
                      "final hidden state, as the shipped draft), or comma-separated indices in transformers' "
                      "hidden_states numbering and names low, mid, high (EAGLE-3's 2, L//2, L-3), last (L); "

@@ -26,7 +26,7 @@ from utils.models import load_tokenizer
 from utils.original_flags import NEGATIVE, add_original_flags, report_ignored
 from utils.potential.report import report, score_prompts, scores_of_rows
 from utils.report import emit, hardware, library_versions
-from utils.run_log import open_run, sweep
+from utils.run_log import check_resume, open_run, sweep
 
 SCRIPT = "test_greedyS_logit"
 
@@ -79,6 +79,8 @@ def main() -> None:
     parser = build_parser()
     args = parser.parse_args()
     validate(args, parser)
+    if args.resume:
+        check_resume(args.resume, SCRIPT, vars(args))  # a wrong --resume fails before anything loads
     processes = start_processes(args.device)
     device = processes.device or args.device
     dtype = resolve_dtype(args.dtype, device)

@@ -41,16 +41,23 @@ static inline float hsum(__m256 v) {
 }
 
 // kind 0: Q4_1 (scales, mins, 16 bytes of nibbles per block); kind 1: Q8_0 (scales, 32 int8 per block).
+// Returns 0; 1 when K is not a multiple of 32; 2 when a thread's work buffer could not be allocated.
 int blocks_matmul(int kind, const float *x, long M, long K, const float *scales, const float *mins,
                   const uint8_t *qs, long N, float *y, int threads) {
     if (K % 32) return 1;
     const long nb = K / 32, qbytes = kind == 0 ? 16 : 32;
     const long groups = (N + ROWS - 1) / ROWS;
+    int out_of_memory = 0;
     #pragma omp parallel num_threads(threads)
     {
         float *w = aligned_alloc(64, sizeof(float) * ROWS * K);
         #pragma omp for schedule(static)
         for (long g = 0; g < groups; g++) {
+            if (!w) {
+                #pragma omp atomic write
+                out_of_memory = 1;
+                continue;
+            }
             const long n0 = g * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
             for (long r = 0; r < rows; r++) {
                 const long n = n0 + r;
@@ -105,5 +112,5 @@ int blocks_matmul(int kind, const float *x, long M, long K, const float *scales,
         }
         free(w);
     }
-    return 0;
+    return out_of_memory ? 2 : 0;
 }

@@ -38,9 +38,10 @@ static inline float hsum(__m256 v) {
 }
 
 // e^x, 8 lanes: x = k ln2 + r with |r| <= ln2 / 2, e^r by a degree-7 polynomial (Cephes' expf coefficients),
-// times 2^k; about 1 ulp, and 0 below -87.3 (where float32's e^x underflows anyway).
+// times 2^k; about 1 ulp, and 0 below -87.3 (where float32's e^x underflows anyway); NaN for NaN.
 static inline __m256 exp8(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+    const __m256 input = x, nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);  // NaN stays NaN, as torch's exp keeps it
     __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
     __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -55,7 +56,7 @@ static inline __m256 exp8(__m256 x) {
     p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
     p = _mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+    return _mm256_blendv_ps(_mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits))), input, nan);
 }
 
 static int matmul(const Matrix *w, const float *x, long n, float *y, int threads) {
@@ -95,16 +96,22 @@ static void rope(float *x, long heads, long hd, const float *cos, const float *s
 }
 
 // softmax(q k^T * scale over the masked-in keys) v for every (row, head); GQA: head h reads kv head h / group
-static void attention(const float *qkv, long n, long width, const Layer *L, const float *keys, const float *values,
-                      long max_len, const uint8_t *mask, long S, float *out, int threads) {
+static int attention(const float *qkv, long n, long width, const Layer *L, const float *keys, const float *values,
+                     long max_len, const uint8_t *mask, long S, float *out, int threads) {
     const long hd = L->head_dim, group = L->heads / L->kv_heads;
     const float scale = 1.0f / sqrtf((float)hd);
+    int out_of_memory = 0;
     #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (S + 8));
         long *index = malloc(sizeof(long) * (S + 8));
         #pragma omp for schedule(static)
         for (long task = 0; task < n * L->heads; task++) {
+            if (!scores || !index) {
+                #pragma omp atomic write
+                out_of_memory = 1;
+                continue;
+            }
             const long i = task / L->heads, h = task % L->heads, g = h / group;
             const float *q = qkv + i * width + h * hd;
             const float *K = keys + g * max_len * hd, *V = values + g * max_len * hd;
@@ -145,17 +152,23 @@ static void attention(const float *qkv, long n, long width, const Layer *L, cons
         free(scores);
         free(index);
     }
+    return out_of_memory ? 2 : 0;
 }
 
 // h [n, hidden] float32 is updated in place; cos/sin [n, head_dim]; keys/values: this layer's cache
 // [kv_heads, max_len, head_dim], rows kv_slots [n] written before attention; mask [n, S] bool (1 = attend).
-// Returns 0; 1 for a width the kernels do not take (widths multiples of 32, head_dim of 8 and <= 512); 2 when
-// out of memory.
+// Returns 0; 1 (nothing touched) for shapes the kernels do not take (widths multiples of 32, head_dim of 8 and
+// <= 512, heads a multiple of kv_heads, matrices of the layer's shapes, S <= max_len, slots inside the cache);
+// bit 2 when out of memory.
 int llama_layer(const Layer *L, long n, float *h, const float *cos, const float *sin, float *keys, float *values,
                 long max_len, const int64_t *kv_slots, const uint8_t *mask, long S, int threads) {
     const long d = L->hidden, hd = L->head_dim, ffn = L->ffn;
     const long nq = L->heads * hd, nkv = L->kv_heads * hd, width = nq + 2 * nkv;
-    if (d % 32 || ffn % 32 || hd % 8 || hd > 512 || L->qkv.rows != width) return 1;
+    if (d % 32 || ffn % 32 || hd % 8 || hd > 512 || L->kv_heads < 1 || L->heads % L->kv_heads) return 1;
+    if (L->qkv.rows != width || L->qkv.cols != d || L->o.rows != d || L->o.cols != nq || L->gate_up.rows != 2 * ffn
+        || L->gate_up.cols != d || L->down.rows != d || L->down.cols != ffn || S > max_len) return 1;
+    for (long i = 0; i < n; i++)
+        if (kv_slots[i] < 0 || kv_slots[i] >= max_len) return 1;
     float *x = malloc(sizeof(float) * n * d), *qkv = malloc(sizeof(float) * n * width);
     float *att = malloc(sizeof(float) * n * nq), *out = malloc(sizeof(float) * n * d);
     float *gate_up = malloc(sizeof(float) * n * 2 * ffn), *act = malloc(sizeof(float) * n * ffn);
@@ -175,7 +188,7 @@ int llama_layer(const Layer *L, long n, float *h, const float *cos, const float 
             memcpy(values + (g * max_len + kv_slots[i]) * hd, row + nq + nkv + g * hd, sizeof(float) * hd);
         }
     }
-    attention(qkv, n, width, L, keys, values, max_len, mask, S, att, threads);
+    status |= attention(qkv, n, width, L, keys, values, max_len, mask, S, att, threads);
     status |= matmul(&L->o, att, n, out, threads);
     for (long k = 0; k < n * d; k++) h[k] = h[k] + out[k];
 

@@ -201,7 +201,8 @@ def test_unreachable_hub_is_found_out_in_seconds(monkeypatch):
     assert time.monotonic() - began < 5.0
 
 
-@pytest.mark.parametrize("case", ["bad row", "start past dataset", "vocab mismatch", "broken model folder"])
+@pytest.mark.parametrize("case", ["bad row", "start past dataset", "vocab mismatch", "broken model folder",
+                                  "vocab mismatch, not calibrated"])
 def test_a_run_that_fails_before_its_first_prompt_leaves_no_result_files(case, tiny_args, tiny_model_dirs, tmp_path,
                                                                          monkeypatch, capsys):
     """Bad data or a bad model is found before the run's results files are written, so no empty run is left."""
@@ -211,8 +212,16 @@ def test_a_run_that_fails_before_its_first_prompt_leaves_no_result_files(case, t
              "start past dataset": ["--start", "500", "--end", "510"],
              "vocab mismatch": ["--model", tiny_model_dirs["other_vocab"]],
              "broken model folder": ["--model", _broken_copy(tiny_model_dirs["draft"], tmp_path / "broken",
-                                                             "missing weights")]}[case]
+                                                             "missing weights")],
+             # float16 is not calibrated on a CPU: the draft is first loaded by the run itself
+             "vocab mismatch, not calibrated": ["--dtype", "float16", "--model", tiny_model_dirs["other_vocab"]]}[case]
     results = tmp_path / "results"
     code, stderr = run_in_process(monkeypatch, capsys, *tiny_args, *extra, "--results-dir", str(results))
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert not list(results.glob("*")), sorted(path.name for path in results.glob("*"))
+
+
+def test_a_wrong_resume_fails_before_the_models_load(tiny_args, tiny_model_dirs, tmp_path, monkeypatch, capsys):
+    code, stderr = run_in_process(monkeypatch, capsys, *tiny_args, "--model", tiny_model_dirs["other_vocab"],
+                                  "--dtype", "float16", "--resume", str(tmp_path / "nope.json"))
+    assert code == 2 and "--resume" in stderr and "vocabulary" not in stderr, stderr

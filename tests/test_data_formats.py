@@ -186,7 +186,8 @@ ORIGINAL_LLAVA_ROWS = REPO_ROOT.parent / "shared" / "original" / "instruct150k_s
 def test_sharegpt_conversations_ask_the_user_turns(tiny_tokenizer, tmp_path):
     """ShareGPT / LLaVA-Instruct rows: the human turns are the chat turns, LLaVA's <image> placeholder dropped,
     the recorded answers unused."""
-    rows = [{"id": "a", "conversations": [{"from": "human", "value": "What is shown?\n<image>"},
+    rows = [{"id": "a", "conversations": [{"from": "human", "value": "<image>"},
+                                          {"from": "human", "value": "What is shown?\n<image>"},
                                           {"from": "gpt", "value": "A cat."},
                                           {"from": "human", "value": "Which colour?"}]}]
     path = tmp_path / "sharegpt.json"
@@ -196,7 +197,10 @@ def test_sharegpt_conversations_ask_the_user_turns(tiny_tokenizer, tmp_path):
     assert prompt.ids == _chat(tiny_tokenizer, [("user", "What is shown?")])
     assert prompt.later_turns == ("Which colour?",)
     path.write_text(json.dumps([{"conversations": [{"from": "gpt", "value": "no question"}]}]))
-    with pytest.raises(UserError, match="no turn from 'human'"):
+    with pytest.raises(UserError, match="no non-empty turn from 'human'"):
+        load_texts(str(path))
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": 7}]}]))
+    with pytest.raises(UserError, match="not a string"):
         load_texts(str(path))
 
 

@@ -172,7 +172,7 @@ def test_target_layer_names_and_bad_choices(tmp_path, tiny_target, text_file):
         with pytest.raises(UserError, match=match):
             parse_target_layers(bad, 30)
     with pytest.raises(UserError, match="only apply to --arch feature"):
-        train(tiny_settings(tmp_path / "t", tiny_target, text_file, ttt_steps=3))
+        train(tiny_settings(tmp_path / "t", tiny_target, text_file, ttt_steps=1))
     with pytest.raises(UserError, match="--ttt-steps"):
         train(feature_settings(tmp_path / "t", tiny_target, text_file, ttt_steps=0))
 

@@ -220,6 +220,40 @@ def test_native_layers_refuse_layers_off_the_blocks():
     assert native_kernels.native_layer_step(plain.layers, plain.num_heads, plain.kv_heads, plain.head_dim) is None
 
 
+def test_native_layer_refuses_slots_and_masks_outside_its_cache_and_keeps_nan():
+    """A KV slot or a mask longer than the cache is a ValueError with nothing written (the C code would
+    otherwise write or read past the layer's cache); a NaN stays NaN as in torch's ops."""
+    native, _ = native_pair()
+    rows, max_len = 2, native.cache.max_len
+    hidden = torch.randn(rows, native.layers[0].input_layernorm.weight.shape[0])
+    cos, sin = torch.ones(rows, native.head_dim), torch.zeros(rows, native.head_dim)
+    cache_before = native.cache.keys.clone()
+    for slots, width in (([0, max_len], 2), ([-1, 0], 2), ([0, 1], max_len + 8)):
+        mask = torch.ones(rows, width, dtype=torch.bool)
+        with pytest.raises(ValueError, match="KV slot or the mask"):
+            native.layer_step(0, hidden.clone(), cos, sin, torch.tensor(slots), mask, native.cache)
+    assert torch.equal(native.cache.keys, cache_before)
+    with pytest.raises(ValueError, match="unexpected shape"):
+        native.layer_step(0, hidden.clone(), cos[:1], sin[:1], torch.tensor([0, 1]),
+                          torch.ones(rows, 2, dtype=torch.bool), native.cache)
+    poisoned = hidden.clone()
+    poisoned[0, 0] = float("nan")
+    native.layer_step(0, poisoned, cos, sin, torch.tensor([0, 1]), torch.ones(rows, 2, dtype=torch.bool).tril(),
+                      native.cache)
+    assert torch.isnan(poisoned).all()  # row 0's NaN reaches every value of both rows, as in torch
+
+
+def test_native_layers_leave_shapes_they_do_not_take_to_torch():
+    kernel()
+    model = tiny_llama(seed=0, vocab=VOCAB)
+    apply_linear_path(model, "gguf", (quantize_linears(model).linears_found(model), kernel()))
+    tree = tree_model(model)
+    assert native_kernels.native_layer_step(tree.layers, tree.num_heads, tree.kv_heads, tree.head_dim) is not None
+    for heads, kv_heads, head_dim in ((tree.num_heads, tree.num_heads + 1, tree.head_dim),   # kv > heads
+                                      (tree.num_heads, tree.kv_heads, 4)):                    # head_dim % 8
+        assert native_kernels.native_layer_step(tree.layers, heads, kv_heads, head_dim) is None
+
+
 def test_gguf_path_needs_its_blocks_and_float32():
     model = tiny_llama(seed=0, vocab=VOCAB)
     with pytest.raises(ValueError, match="needs the layers' GGUF blocks"):

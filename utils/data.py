@@ -123,10 +123,13 @@ def _conversation_turns(value: Any, where: str) -> tuple[str, ...]:
     """The user turns of a ShareGPT/LLaVA-Instruct `conversations` list, LLaVA's image placeholder removed."""
     if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
         raise UserError(f"{where}: {CONVERSATION_FIELD} must be a list of {{from, value}} objects")
-    turns = tuple(t.get("value").replace(IMAGE_PLACEHOLDER, "").strip() for t in value
-                  if t.get("from") in USER_SPEAKERS and isinstance(t.get("value"), str))
+    asked = [t.get("value") for t in value if t.get("from") in USER_SPEAKERS]
+    if not all(isinstance(text, str) for text in asked):
+        raise UserError(f"{where}: a 'human' or 'user' turn of {CONVERSATION_FIELD} has a 'value' that is not a string")
+    # a turn that was only the image placeholder asks nothing of a text model: dropped
+    turns = tuple(text for text in (text.replace(IMAGE_PLACEHOLDER, "").strip() for text in asked) if text)
     if not turns:
-        raise UserError(f"{where}: {CONVERSATION_FIELD} has no turn from 'human' or 'user'")
+        raise UserError(f"{where}: {CONVERSATION_FIELD} has no non-empty turn from 'human' or 'user'")
     return turns
 
 

@@ -25,7 +25,7 @@ from utils.models import (DEFAULT_TARGET, check_vocab_match, default_draft_for, 
                           load_draft_vocab, load_feature_net, load_hf_model, load_tokenizer, resolve_model_path)
 from utils.native_kernels import native_layer_step
 from utils.report import wall_clock
-from utils.run_log import SINGLE, Processes, open_run, sweep
+from utils.run_log import SINGLE, Processes, check_resume, open_run, sweep
 
 
 WARMUP_TOKENS = 4  # new tokens of the untimed warm-up call before timed runs
@@ -457,10 +457,12 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     dtype = kernels.target.dtype if kernels else resolve_dtype(args.dtype, device)
     lookup = getattr(args, "lookup", 0) if args.Mode != "baseline" else 0
     tree_size += lookup
+    flags = describe_args(args)
+    if args.resume:
+        check_resume(args.resume, script, flags)  # a wrong --resume fails before anything loads
     if load is None:
         check_kv_slots(args, args.prompt_len, tree_size)
         tokenizer = load_tokenizer(args.target)
-        # bad data fails here, before the run's result files exist (validate_common checked --results-dir)
         prompts = prompts_from_args(args, tokenizer)
         turns = 1 + max(len(p.later_turns) for p in prompts)
         if turns > 1 and turns * (args.prompt_len + args.max_new_tokens) + tree_size > args.M:
@@ -476,8 +478,6 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
         verifier, lossless = verifier_override, verifier_override.lossless
     name = verifier if isinstance(verifier, str) else verifier.name
     quality = (quality or not lossless) and sampling.greedy and args.Mode != "baseline"
-    flags = describe_args(args)
-    log = processes.share(open_run(args.results_dir, args.resume, script, flags) if processes.main else None)
     if kernels and processes.main:
         emit(kernels.line)
     plans = (kernels.target, kernels.draft) if kernels else None
@@ -486,6 +486,9 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
                                       tokenizer, load_target, plans, cuda_graphs=args.cuda_graphs), prompts)
     else:
         workload = load(args, dtype, tree_size)
+    # the result files exist from here on: a run that fails on its data or models leaves none behind
+    # (validate_common checked --results-dir before anything loaded)
+    log = processes.share(open_run(args.results_dir, args.resume, script, flags) if processes.main else None)
     pair, tokenizer, prompts = workload.pair, workload.pair.tokenizer, workload.prompts
     drafter = None if args.Mode == "baseline" else make_drafter(pair, sampling, sample_children)
     drafter = with_prompt_lookup(drafter, lookup, args.lookup_ngram)

@@ -89,6 +89,8 @@ def _bind(library: ctypes.CDLL) -> BlockMatmul:
         status = function(kernel_id, x.data_ptr(), x.shape[0], x.shape[1], weight.scales.data_ptr(),
                           weight.mins.data_ptr(), weight.quants.data_ptr(), weight.out_features, out.data_ptr(),
                           torch.get_num_threads())
+        if status == 2:
+            raise MemoryError("gguf block kernel: out of memory for its work buffers")
         if status:
             raise ValueError(f"gguf block kernel: in_features {x.shape[1]} is not a multiple of 32")
 
@@ -161,6 +163,9 @@ def _layer_struct(layer: torch.nn.Module, heads: int, kv_heads: int, head_dim: i
     silu = type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
     if not plain_norms or not silu or hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
         return None
+    same_eps = norms[0].variance_epsilon == norms[1].variance_epsilon  # the C layer takes one
+    if head_dim % 8 or head_dim > 512 or kv_heads < 1 or heads % kv_heads or not same_eps:
+        return None  # shapes engine/llama_layer.c does not take: the torch ops run these layers
     ffn = mlp.down_proj.in_features
     return _Layer(layer.input_layernorm.weight.shape[0], heads, kv_heads, head_dim, ffn,
                   layer.input_layernorm.variance_epsilon, norms[0].weight.data_ptr(), norms[1].weight.data_ptr(),
@@ -180,13 +185,21 @@ def native_layer_step(layers: list[torch.nn.Module], heads: int, kv_heads: int, 
     def step(index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_slots: torch.Tensor,
              mask: torch.Tensor, cache: KVCache) -> None:
         keys, values = cache.keys[index], cache.values[index]
+        n = hidden.shape[0]
+        # the C code trusts these sizes (it checks the slots' values and S <= max_len itself)
+        if not (hidden.dtype == cos.dtype == sin.dtype == torch.float32 and hidden.is_contiguous()
+                and cos.shape == sin.shape == (n, head_dim) and cos.is_contiguous() and sin.is_contiguous()
+                and kv_slots.dtype == torch.int64 and kv_slots.shape == (n,) and kv_slots.is_contiguous()
+                and mask.dtype == torch.bool and mask.dim() == 2 and mask.shape[0] == n and mask.is_contiguous()
+                and keys.dtype == values.dtype == torch.float32 and keys.is_contiguous() and values.is_contiguous()):
+            raise ValueError("native Llama layer: inputs of unexpected shape, dtype or layout")
         status = function(pointers[index], hidden.shape[0], hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                           keys.data_ptr(), values.data_ptr(), cache.max_len, kv_slots.data_ptr(), mask.data_ptr(),
                           mask.shape[1], torch.get_num_threads())
-        if status == 2:
+        if status & 2:
             raise MemoryError("native Llama layer: out of memory for its work buffers")
         if status:
-            raise ValueError("native Llama layer: widths must be multiples of 32 and head_dim a multiple of 8")
+            raise ValueError("native Llama layer: a width, a KV slot or the mask's length outside what it takes")
 
     step.layers = layers  # keeps the weights the structs point into alive
     return step

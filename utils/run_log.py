@@ -140,8 +140,9 @@ def new_run(results_dir: str, script: str, flags: dict) -> RunLog:
     return log
 
 
-def resume_run(path: str, script: str, flags: dict) -> RunLog:
-    """Reopen an interrupted run (its .json or .jsonl): same script and settings, rows merged by prompt index."""
+def check_resume(path: str, script: str, flags: dict) -> dict:
+    """The summary of the interrupted run `path` (its .json or .jsonl) if this run may continue it (same script
+    and settings), read only: called before models load, so that a wrong --resume fails at once."""
     json_path = Path(path).with_suffix(".json")
     try:
         summary = json.loads(json_path.read_text())
@@ -156,6 +157,13 @@ def resume_run(path: str, script: str, flags: dict) -> RunLog:
         raise UserError(f"--resume {path}: settings differ from the interrupted run: {shown}; rerun with the same "
                         "flags")
     check_writable(str(json_path.parent))
+    return summary
+
+
+def resume_run(path: str, script: str, flags: dict) -> RunLog:
+    """Reopen an interrupted run (its .json or .jsonl): same script and settings, rows merged by prompt index."""
+    summary = check_resume(path, script, flags)
+    json_path = Path(path).with_suffix(".json")
     log = RunLog(json_path)
     rows = log.rows()
     log.finish({**summary, "flags": flags}, rows, partial=True)  # shards and any cut-off line merged now

@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
     from utils.experiment import load_pair
     from utils.models import default_token_draft_for, load_hf_model
     from utils.report import emit, hardware, library_versions
-    from utils.run_log import launched_world_size, open_run, sweep
+    from utils.run_log import check_resume, launched_world_size, open_run, sweep
 
     args = parse_args(argv, add_flags)
     validate_common(args)
@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
     dynamic = dynamic_shape(args, growmap)
     emit(kernels.line)
     dtype = kernels.target.dtype
+    if args.resume:
+        check_resume(args.resume, "bench", vars(args))  # a wrong --resume fails before the models load
     max_len = args.prompt_len + args.max_new_tokens + max(growmap.size, dynamic.slots_bound()) + args.lookup + 1
     pair = load_pair(args.target, args.model, need_draft, dtype, args.device, max_len,
                      plans=(kernels.target, kernels.draft), cuda_graphs=args.cuda_graphs)

@@ -128,7 +128,7 @@ def load_profile(args: argparse.Namespace, need_draft: bool) -> Profile:
         target_ms, draft_ms = measure_pair(args.target, draft_spec if "draft" in missing else None, args.device, plans)
         measured = {"target": target_ms, "draft": draft_ms}
         for role in missing:
-            models[ids[role]] = {"rows": list(CALIBRATION_ROWS), "ms": measured[role], "load": round(load, 2)}
+            models[ids[role]] = {"rows": list(CALIBRATION_ROWS), "ms": measured[role], "load": load}
         write_profile(path, key, models)
         status = "measured"
     return Profile(allowed, models[ids["target"]], models.get(ids.get("draft")),

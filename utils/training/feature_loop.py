@@ -18,7 +18,7 @@ import copy
 import functools
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from utils.models import (DraftVocab, head_weight, load_draft_vocab, load_featur
                           resolve_model_path)
 from utils.training.common import (LoopHooks, adamw, prepare_output_dir, restore_training_state, train_loop,
                                    write_run_info)
-from utils.training.settings import TrainSettings, parse_target_layers, validate
+from utils.training.settings import TrainSettings, parse_target_layers, ttt_passes, validate
 from utils.training.training_data import (check_tokenizer_match, choose_subset, heldout_coverage, load_training_data,
                                           split_rows, windows)
 
@@ -346,6 +346,7 @@ def train_feature_draft(s: TrainSettings) -> dict[str, float]:
     from accelerate import Accelerator
 
     validate(s)
+    s = replace(s, ttt_steps=ttt_passes(s))  # the passes run, as train_settings.json records them
     accelerator = Accelerator(mixed_precision=s.mixed_precision if s.mixed_precision != "no" else "no")
     torch.manual_seed(s.seed)
     out_dir = Path(s.output_dir)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.training.settings import TrainSettings, distill_settings, parse_mixes
+from utils.training.settings import TrainSettings, distill_settings, parse_mixes, ttt_passes
 
 OUTPUT_DIR = "outputs"
 RECIPE_FLAGS = ("--arch", "feature", "--distill", "--distill-tokens", "100000", "--distill-workers", "2",
@@ -93,7 +93,7 @@ def estimate(s: TrainSettings, measured_ms: float, ref: Reference = REFERENCE) -
     workers = min(max(s.distill_workers, 1), 2) / 2
     generate_s = missing / (ref.distill_tokens_per_s * workers) * factor
     features_s = tokens * ref.prompt_overhead / ref.feature_positions_per_s * factor if s.arch == "feature" else 0.0
-    passes = s.ttt_steps if s.arch == "feature" else 1
+    passes = ttt_passes(s)
     step_s = (ref.feature_step_s if s.arch == "feature" else ref.token_step_s) * passes * factor * (
         s.batch_size * s.seq_len) / (16 * 512)
     train_s = s.max_steps * step_s

@@ -30,6 +30,9 @@ TOKEN_ONLY = ("preset", "hidden_size", "num_heads", "num_kv_heads", "embed_init"
 
 
 FEATURE_ONLY = ("ttt_steps", "target_layers")
+# training-time-test passes of a feature draft when --ttt-steps is not given: 2 measured best per CPU-minute
+# against 1 (README, "EAGLE-3-style training")
+FEATURE_TTT_STEPS = 2
 
 
 # --target-layers names: EAGLE-3's low, middle and high layers of an L-layer target (arXiv 2503.01840, as in
@@ -83,7 +86,7 @@ class TrainSettings:
     kl_weight: float = 0.5
     cls_weight: float = 0.1
     feature_noise: float = 0.1
-    ttt_steps: int = 2  # measured: README "EAGLE-3-style training" (equal wall time against 1)
+    ttt_steps: int | None = None  # --arch feature: FEATURE_TTT_STEPS unless given
     target_layers: str = "last"
     seq_len: int = 512
     batch_size: int = 16
@@ -127,7 +130,7 @@ def validate(s: TrainSettings) -> None:
                    if getattr(s, name) != getattr(TrainSettings, name)]
         if ignored:
             raise UserError(f"{', '.join(ignored)} only apply to --arch feature")
-    if s.ttt_steps < 1:
+    if s.ttt_steps is not None and s.ttt_steps < 1:
         raise UserError(f"--ttt-steps must be >= 1 (1 = teacher-forced only), got {s.ttt_steps}")
     parse_target_layers(s.target_layers, None)
     if not 0.0 <= s.kl_weight <= 1.0:
@@ -146,6 +149,13 @@ def validate(s: TrainSettings) -> None:
     if s.eval_only and s.init is None:
         raise UserError("--eval-only needs --init: the draft folder to evaluate")
     parse_temperatures(s.distill_temperatures)
+
+
+def ttt_passes(s: TrainSettings) -> int:
+    """Passes per training step: --ttt-steps, or FEATURE_TTT_STEPS for a feature draft; 1 for a token draft."""
+    if s.arch != "feature":
+        return 1
+    return FEATURE_TTT_STEPS if s.ttt_steps is None else s.ttt_steps
 
 
 def parse_mixes(text: str, default_tokens: int) -> list[tuple[str, int]]:
