@@ -172,6 +172,19 @@ def _layer_struct(layer: torch.nn.Module, heads: int, kv_heads: int, head_dim: i
                   _matrix(qkv), _matrix(attn.o_proj), _matrix(gate_up), _matrix(mlp.down_proj))
 
 
+def _check_step_inputs(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_slots: torch.Tensor,
+                       mask: torch.Tensor, cache: KVCache, head_dim: int) -> None:
+    """The sizes and layouts engine/llama_layer.c trusts (it checks the slots' values and S <= max_len itself)."""
+    n = hidden.shape[0]
+    if not (hidden.dtype == cos.dtype == sin.dtype == torch.float32 and hidden.is_contiguous()
+            and cos.shape == sin.shape == (n, head_dim) and cos.is_contiguous() and sin.is_contiguous()
+            and kv_slots.dtype == torch.int64 and kv_slots.shape == (n,) and kv_slots.is_contiguous()
+            and mask.dtype == torch.bool and mask.dim() == 2 and mask.shape[0] == n and mask.is_contiguous()
+            and cache.keys.dtype == cache.values.dtype == torch.float32 and cache.keys.is_contiguous()
+            and cache.values.is_contiguous()):
+        raise ValueError("native Llama layer: inputs of unexpected shape, dtype or layout")
+
+
 def native_layer_step(layers: list[torch.nn.Module], heads: int, kv_heads: int, head_dim: int) -> LayerStep | None:
     """engine/llama_layer.c as a `LayerStep` for these decoder layers (on the "gguf" path, float32), or None
     when the kernels are not built here or some layer is not one it runs. The layers' weights must stay where
@@ -182,17 +195,15 @@ def native_layer_step(layers: list[torch.nn.Module], heads: int, kv_heads: int, 
         return None
     pointers = [ctypes.pointer(struct) for struct in structs]
 
+    checked: list[tuple] = [()]  # the inputs last checked: one forward passes the same ones to every layer
+
     def step(index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_slots: torch.Tensor,
              mask: torch.Tensor, cache: KVCache) -> None:
         keys, values = cache.keys[index], cache.values[index]
-        n = hidden.shape[0]
-        # the C code trusts these sizes (it checks the slots' values and S <= max_len itself)
-        if not (hidden.dtype == cos.dtype == sin.dtype == torch.float32 and hidden.is_contiguous()
-                and cos.shape == sin.shape == (n, head_dim) and cos.is_contiguous() and sin.is_contiguous()
-                and kv_slots.dtype == torch.int64 and kv_slots.shape == (n,) and kv_slots.is_contiguous()
-                and mask.dtype == torch.bool and mask.dim() == 2 and mask.shape[0] == n and mask.is_contiguous()
-                and keys.dtype == values.dtype == torch.float32 and keys.is_contiguous() and values.is_contiguous()):
-            raise ValueError("native Llama layer: inputs of unexpected shape, dtype or layout")
+        inputs = (hidden, cos, sin, kv_slots, mask, cache)
+        if len(checked[0]) != len(inputs) or any(a is not b for a, b in zip(checked[0], inputs)):
+            _check_step_inputs(hidden, cos, sin, kv_slots, mask, cache, head_dim)
+            checked[0] = inputs
         status = function(pointers[index], hidden.shape[0], hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                           keys.data_ptr(), values.data_ptr(), cache.max_len, kv_slots.data_ptr(), mask.data_ptr(),
                           mask.shape[1], torch.get_num_threads())
