@@ -195,13 +195,13 @@ def native_layer_step(layers: list[torch.nn.Module], heads: int, kv_heads: int, 
         return None
     pointers = [ctypes.pointer(struct) for struct in structs]
 
-    checked: list[tuple] = [()]  # the inputs last checked: one forward passes the same ones to every layer
+    checked: list[tuple | None] = [None]  # the inputs last checked: one forward passes the same to every layer
 
     def step(index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_slots: torch.Tensor,
              mask: torch.Tensor, cache: KVCache) -> None:
         keys, values = cache.keys[index], cache.values[index]
         inputs = (hidden, cos, sin, kv_slots, mask, cache)
-        if len(checked[0]) != len(inputs) or any(a is not b for a, b in zip(checked[0], inputs)):
+        if checked[0] is None or any(a is not b for a, b in zip(checked[0], inputs)):
             _check_step_inputs(hidden, cos, sin, kv_slots, mask, cache, head_dim)
             checked[0] = inputs
         status = function(pointers[index], hidden.shape[0], hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
