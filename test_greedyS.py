@@ -14,7 +14,7 @@ from utils.calibration import add_calibration_flags, plan_static_run
 from utils.cli import decoding_parser, run_cli, validate_common
 from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
-from utils.experiment import execute, sampled_children
+from utils.experiment import execute, load_text_prompts, sampled_children
 from utils.original_flags import draft_top_p, report_ignored, static_tree_reasons
 
 
@@ -26,13 +26,15 @@ def main() -> None:
     validate_common(args)
     report_ignored(parser, args, static_tree_reasons(sampled_children(args)))
     processes = start_processes(args.device)
+    text = load_text_prompts(args)  # a bad dataset fails before the calibration or any model loads
     growmap, origin, kernels = plan_static_run(args, need_draft=True)  # baseline too: the plan the trees would run
     meta = {"growmap": {**origin, "size": growmap.size, "depth": growmap.max_depth,
                         "nodes_per_depth": growmap.nodes_per_depth()}}
     execute(args, "test_greedyS",
             lambda pair, sampling, sample_children: StaticTreeDrafter(
                 pair.draft, growmap, Sampling(args.T, draft_top_p(args)), sample_children),
-            growmap.size, meta, processes, target_loader(args, processes.device or args.device), kernels=kernels)
+            growmap.size, meta, processes, target_loader(args, processes.device or args.device), kernels=kernels,
+            text=text)
 
 
 if __name__ == "__main__":

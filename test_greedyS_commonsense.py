@@ -24,7 +24,7 @@ from utils.commonsense.table import default_followers, load_followers, target_vo
 from utils.config import DEFAULTS
 from utils.errors import UserError
 from utils.distributed.offload import target_loader
-from utils.experiment import execute, sampled_children
+from utils.experiment import execute, load_text_prompts, sampled_children
 from utils.original_flags import draft_top_p, report_ignored, static_tree_reasons
 from utils.report import emit
 from utils.run_log import new_run
@@ -68,8 +68,9 @@ def main() -> None:
     followers, table_meta = load_followers(followers_path, target_vocab_size(args.target))
     base_meta = {"followers": {"path": str(followers_path), "k": followers.shape[1], "built_from": table_meta}}
     load_target = target_loader(args, args.device)
+    text = load_text_prompts(args)  # once for every run, before any model loads
     if args.Mode == "baseline":
-        execute(args, SCRIPT, None, growmap.size, base_meta, load_target=load_target)
+        execute(args, SCRIPT, None, growmap.size, base_meta, load_target=load_target, text=text)
         return
     references: dict[int, list[int]] = {}
     runs = plan_runs(args.commonsense, growmap, args.augment, args.augment_width)
@@ -88,7 +89,7 @@ def main() -> None:
         verifier = SubstituteVerifier(followers) if run.name == "substitute" else None
         summaries.append(execute(args, f"{SCRIPT}-{run.name}", make_drafter, run.growmap.size + run.extra_nodes,
                                  meta, load_target=load_target, verifier_override=verifier, quality=True,
-                                 references=references))
+                                 references=references, text=text))
     table = side_by_side(runs, summaries)
     emit("\n" + table)
     keys = ("lossless", "tree_size", "mean_accepted_tokens", "tokens_per_second", "quality", "substitutions",

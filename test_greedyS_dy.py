@@ -22,7 +22,7 @@ from utils.cli import decoding_parser, run_cli, validate_common, validate_tree_f
 from utils.config import DEFAULTS
 from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
-from utils.experiment import execute, sampled_children
+from utils.experiment import execute, load_text_prompts, sampled_children
 from utils.original_flags import NEGATIVE, TOP_K_CHILDREN, draft_top_p, report_ignored
 
 STATIC = "--static verifies the --growmap's static tree"
@@ -51,6 +51,7 @@ def main() -> None:
     report_ignored(parser, args, ignored_reasons(args))
     processes = start_processes(args.device)
     load_target = target_loader(args, processes.device or args.device)
+    text = load_text_prompts(args)  # a bad dataset fails before the calibration or any model loads
     args.record_shapes = True
     draft_sampling = Sampling(args.T, draft_top_p(args))
     if args.static:
@@ -61,7 +62,7 @@ def main() -> None:
         execute(args, "test_greedyS_dy",
                 lambda pair, sampling, sample_children: StaticTreeDrafter(pair.draft, growmap, draft_sampling,
                                                                           sample_children),
-                growmap.size, meta, processes, load_target, kernels=kernels)
+                growmap.size, meta, processes, load_target, kernels=kernels, text=text)
         return
     validate_tree_flags(args)
     meta = {"dynamic_tree": {"budget": args.B, "width": args.W, "max_depth": args.D, "score": args.score,
@@ -71,7 +72,7 @@ def main() -> None:
     execute(args, "test_greedyS_dy",
             lambda pair, sampling, sample_children: DynamicTreeDrafter(pair.draft, draft_sampling, sample_children,
                                                                        args.B, args.W, args.D, args.score, args.decay),
-            slots, meta, processes, load_target, kernels=kernels)
+            slots, meta, processes, load_target, kernels=kernels, text=text)
 
 
 if __name__ == "__main__":

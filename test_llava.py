@@ -19,17 +19,22 @@ from functools import partial
 from engine.drafters import StaticTreeDrafter
 from engine.dynamic_drafter import DynamicTreeDrafter
 from engine.growmap import load_growmap
+from engine.sampling import Sampling
 from utils.cli import (OneLineParser, add_decoding_flags, add_dynamic_tree_flags, add_lookup_flags, add_model_flags,
                        add_results_flags, run_cli, validate_common, validate_tree_flags)
 from utils.bench.methods import hf_runner, subset_vocab_assistant
 from utils.config import DEFAULTS
-from utils.experiment import execute
+from utils.errors import UserError
+from utils.experiment import execute, sampled_children
 from utils.llava.prefill import load_llava_workload
 from utils.llava.reference import TransformersMethods
+from utils.original_flags import NEGATIVE, TOP_K_CHILDREN, add_original_flags, draft_top_p, report_ignored
+
+NOT_OFFLOADED = "a LLaVA target loads whole onto --device (offloading serves the text scripts' targets)"
 
 
 def parser() -> OneLineParser:
-    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], conflict_handler="resolve",
                            epilog="Results: <results-dir>/test_llava-<time>.json (+ .jsonl per prompt, with its "
                                   "image); the last output line is 'results: <path>'.")
     add_model_flags(parser, target_help="LLaVA target: hub id or local folder (default: SmolLM2-135M-Instruct with a "
@@ -53,16 +58,35 @@ def parser() -> OneLineParser:
     add_decoding_flags(parser)
     parser.set_defaults(max_new_tokens=DEFAULTS.llava_max_new_tokens)
     add_lookup_flags(parser)
+    parser.add_argument("--dynamic", action="store_true", help="grow a dynamic tree each step (test_greedyS_dy.py)")
+    add_original_flags(parser)  # every flag of the original's scripts; this script's own definitions follow
+    add_dynamic_tree_flags(parser)
     parser.add_argument("--growmap", default=DEFAULTS.growmap,
                         help="static tree shape (.pt growmap); with --dynamic it only sets the default --B and --D")
-    parser.add_argument("--dynamic", action="store_true", help="grow a dynamic tree each step (test_greedyS_dy.py)")
-    add_dynamic_tree_flags(parser)
+    parser.add_argument("--offloading", action="store_true", help=f"accepted for the original's commands: {NOT_OFFLOADED}")
     return parser
 
 
+def ignored_reasons(args) -> dict[str, str]:
+    """The original flags this run does not use, each with the reason its note line gives."""
+    reasons = {"negative": NEGATIVE, "offloading": NOT_OFFLOADED,
+               "static": "the tree is static unless --dynamic" if not args.dynamic else "--dynamic grows the tree"}
+    if not sampled_children(args):
+        reasons["DP"] = TOP_K_CHILDREN
+    if not (args.dynamic and args.score == "original"):
+        reasons["decay"] = "it weights --dynamic --score original only"
+    return reasons
+
+
 def main() -> None:
-    args = parser().parse_args()
+    flags = parser()
+    args = flags.parse_args()
     validate_common(args)
+    if args.static and args.dynamic:
+        raise UserError("--static (verify the --growmap's tree) and --dynamic (grow one) contradict each other: "
+                        "pass one of them")
+    report_ignored(flags, args, ignored_reasons(args))
+    draft_sampling = Sampling(args.T, draft_top_p(args))
     if args.dynamic:
         validate_tree_flags(args)
         args.record_shapes = True
@@ -70,7 +94,8 @@ def main() -> None:
         size = DynamicTreeDrafter.slots_for(args.B, args.W, args.D)
 
         def make_drafter(pair, sampling, sample_children):
-            return DynamicTreeDrafter(pair.draft, sampling, sample_children, args.B, args.W, args.D, args.score)
+            return DynamicTreeDrafter(pair.draft, draft_sampling, sample_children, args.B, args.W, args.D, args.score,
+                                      args.decay)
     else:
         growmap = load_growmap(args.growmap)
         meta = {"growmap": {"path": args.growmap, "size": growmap.size, "depth": growmap.max_depth,
@@ -78,7 +103,7 @@ def main() -> None:
         size = growmap.size
 
         def make_drafter(pair, sampling, sample_children):
-            return StaticTreeDrafter(pair.draft, growmap, sampling, sample_children)
+            return StaticTreeDrafter(pair.draft, growmap, draft_sampling, sample_children)
     methods = TransformersMethods(hf_runner, subset_vocab_assistant)
     execute(args, "test_llava", make_drafter, size, meta, load=partial(load_llava_workload, methods=methods))
 

@@ -1,7 +1,10 @@
 """Shared pytest fixtures: a tiny offline tokenizer, so no test needs a download or a real model."""
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,29 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# Tests leave the user's ~/.cache/treespec alone: every test, and every subprocess a test starts (they inherit
+# the environment, or take `subprocess_env()`), writes calibration entries, kernels and generated data into a
+# fresh folder per session. Only the converted default target and the offline LLaVA, pure functions of installed
+# packages that take ~30 s to make, are kept between sessions, in the checkout's ignored .cache/ folder.
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="treespec-tests-"))
+KEPT_CACHE = REPO_ROOT / ".cache" / "tests"
+for kept in ("converted", "llava"):
+    (KEPT_CACHE / kept).mkdir(parents=True, exist_ok=True)
+    (TEST_CACHE / kept).symlink_to(KEPT_CACHE / kept, target_is_directory=True)
+os.environ["TREESPEC_CACHE"] = str(TEST_CACHE)
+os.environ["HF_DATASETS_CACHE"] = str(TEST_CACHE / "hf-datasets")  # `datasets` caches every file it reads
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """A minimal environment for a script run by a test: offline, one thread, the session's test cache."""
+    return {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1", "TREESPEC_CACHE": str(TEST_CACHE),
+            "HF_DATASETS_CACHE": os.environ["HF_DATASETS_CACHE"], **extra}
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 # Unit tests use tiny models, for which one thread is fastest and immune to a busy machine's other processes;
 # the integration test raises it again for the real model.

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine import growmap as G
+from tests.conftest import TEST_CACHE, subprocess_env
 from utils.models import REPO_ROOT
 
 SCRIPT = str(REPO_ROOT / "test_greedyS.py")
@@ -20,9 +21,7 @@ SCRIPT = str(REPO_ROOT / "test_greedyS.py")
 
 def run_script(*args: str, script: str = SCRIPT, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO_ROOT, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                                              "HOME": str(Path.home()), "TOKENIZERS_PARALLELISM": "false",
-                                              "OMP_NUM_THREADS": "1"})
+                          cwd=REPO_ROOT, env=subprocess_env())
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +169,8 @@ def test_broken_model_folder_is_one_line(how, role, tiny_args, tiny_model_dirs, 
 
 def test_unreachable_hub_is_one_line(tmp_path):
     """The seed's first command with hub models and no hub: one line, none of the libraries' retry warnings."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HOME": str(tmp_path / "hf"),
-           "HF_ENDPOINT": "http://127.0.0.1:9", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    del env["HF_HUB_OFFLINE"]
     completed = subprocess.run(
         [sys.executable, SCRIPT, "--model", "JackFram/llama-68m", "--target", "meta-llama/Llama-2-13b-hf", "--T", "0.6",
          "--P", "0.9", "--start", "0", "--end", "200", "--Mode", "greedy", "--M", "1024", "--growmap",
@@ -225,3 +224,16 @@ def test_a_wrong_resume_fails_before_the_models_load(tiny_args, tiny_model_dirs,
     code, stderr = run_in_process(monkeypatch, capsys, *tiny_args, "--model", tiny_model_dirs["other_vocab"],
                                   "--dtype", "float16", "--resume", str(tmp_path / "nope.json"))
     assert code == 2 and "--resume" in stderr and "vocabulary" not in stderr, stderr
+
+
+def test_scripts_run_by_tests_leave_home_alone(tiny_args, tmp_path):
+    """A script started the way the tests start them writes its calibration, kernels and datasets cache into the
+    session's test cache, nothing under $HOME."""
+    home = tmp_path / "home"
+    home.mkdir()
+    before = set(TEST_CACHE.rglob("*"))
+    completed = subprocess.run([sys.executable, SCRIPT, *tiny_args, "--end", "1"], capture_output=True, text=True,
+                               timeout=300, cwd=REPO_ROOT, env=subprocess_env(HOME=str(home)))
+    assert completed.returncode == 0, completed.stderr
+    assert list(home.rglob("*")) == []
+    assert set(TEST_CACHE.rglob("*")) - before  # it did write a cache entry, just not at home

@@ -147,6 +147,76 @@ def test_ids_outside_the_dataset_tokenizers_vocabulary_are_refused(tiny_tokenize
         load_prompts(str(path), tiny_tokenizer, 0, 1, prompt_len=8, dataset_tokenizer=tiny_tokenizer)
 
 
+def _converted_folder(folder: Path, tokenizer, texts: list[str], width: int = 12) -> str:
+    """The original's converted c4/cnn/openwebtext layout: a save_to_disk folder of `input_ids` +
+    `attention_mask` rows (BOS first, right-padded to `width`), no text column."""
+    import datasets
+
+    rows = {"input_ids": [], "attention_mask": []}
+    for text in texts:
+        ids = [tokenizer.bos_token_id or 0] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        pad = width - len(ids)
+        rows["input_ids"].append(ids + [0] * pad)
+        rows["attention_mask"].append([1] * len(ids) + [0] * pad)
+    datasets.Dataset.from_dict(rows).save_to_disk(str(folder))
+    return str(folder)
+
+
+LONGER = TEXTS + ["the police said the storm was over", "add the flour and mix"]
+
+
+def test_input_ids_folder_of_another_tokenizer_is_decoded_and_reencoded(tiny_tokenizer, other_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = _converted_folder(tmp_path / "c4", AutoTokenizer.from_pretrained(other_tokenizer), LONGER)
+    prompts = load_prompts(folder, tiny_tokenizer, 1, 3, prompt_len=4, dataset_tokenizer=other_tokenizer)
+    assert [p.index for p in prompts] == [1, 2]  # --start/--end slice the rows as for text
+    for prompt, text in zip(prompts, LONGER[1:3]):
+        assert prompt.kind == data.PLAIN_KIND and prompt.text == text  # the padding is not decoded
+        assert prompt.ids == tiny_tokenizer(text)["input_ids"][:4]
+
+
+def test_input_ids_folder_of_the_targets_tokenizer_is_used_as_it_is(tiny_tokenizer, tmp_path):
+    folder = _converted_folder(tmp_path / "own", tiny_tokenizer, TEXTS)
+    prompts = load_prompts(folder, tiny_tokenizer, 0, 2, prompt_len=5, dataset_tokenizer=build_tiny_tokenizer())
+    for prompt, text in zip(prompts, TEXTS):
+        assert prompt.kind == data.TOKENS_KIND
+        assert prompt.ids == [tiny_tokenizer.bos_token_id or 0, *tiny_tokenizer(text, add_special_tokens=False)["input_ids"]][:5]
+
+
+def test_input_ids_folder_without_dataset_tokenizer_is_refused(tiny_tokenizer, tmp_path):
+    folder = _converted_folder(tmp_path / "owt", tiny_tokenizer, TEXTS)
+    with pytest.raises(UserError, match=r"pre-tokenized ids \(input_ids\) .* pass --dataset-tokenizer") as info:
+        load_prompts(folder, tiny_tokenizer, 0, 2, prompt_len=8)
+    assert "\n" not in str(info.value)
+
+
+def test_input_ids_with_a_mask_of_another_length_are_refused(tiny_tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"input_ids": [5, 6, 7], "attention_mask": [1, 1]}) + "\n")
+    with pytest.raises(UserError, match="attention_mask has 2 entries for 3 input_ids"):
+        load_prompts(str(path), tiny_tokenizer, 0, 1, prompt_len=8, dataset_tokenizer=tiny_tokenizer)
+
+
+def test_script_refuses_input_ids_before_any_model_loads(tiny_model_dirs, tiny_tokenizer, tmp_path):
+    """A converted folder with no --dataset-tokenizer: one line naming input_ids and --dataset-tokenizer, exit 2,
+    found before the target loads (its weights file is garbage here, which loading would report instead)."""
+    import shutil
+
+    from tests.test_cli import run_script
+
+    target = tmp_path / "target"
+    shutil.copytree(tiny_model_dirs["target"], target)
+    (target / "model.safetensors").write_bytes(b"not weights")
+    folder = _converted_folder(tmp_path / "owt", tiny_tokenizer, TEXTS)
+    completed = run_script("--target", str(target), "--model", tiny_model_dirs["draft"], "--dataset", folder,
+                           "--end", "2", "--growmap", str(REPO_ROOT / "growmaps" / "4x8-tree.pt"),
+                           "--results-dir", str(tmp_path / "results"))
+    lines = completed.stderr.strip().splitlines()
+    assert completed.returncode == 2 and len(lines) == 1, completed.stderr
+    assert "input_ids" in lines[0] and "--dataset-tokenizer" in lines[0]
+
+
 # --- MT-bench and multi-turn rows --------------------------------------------------------------------------
 
 

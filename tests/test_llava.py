@@ -251,17 +251,31 @@ def bad_inputs(tiny) -> dict[str, tuple[list[str], str]]:
         "not a LLaVA target": (["--target", str(dirs["text_draft"])] + draft, "is not a LLaVA model"),
         "vocabulary mismatch": (["--model", str(dirs["other_vocab"])], "vocabulary"),
         "missing dataset": (["--dataset", str(root / "none.json")] + draft, "does not exist"),
+        # the original's command ends with --dataset openwebtext, which has no images
+        "text dataset": (["--dataset", "openwebtext"] + draft, "is a text dataset with no images"),
+        "static and dynamic": (["--static", "--dynamic"] + draft, "contradict each other"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing image dir", "empty image dir", "non-image file", "no placeholder",
                                   "ends with placeholder", "not a LLaVA target", "vocabulary mismatch",
-                                  "missing dataset"])
+                                  "missing dataset", "text dataset", "static and dynamic"])
 def test_bad_input_is_one_line_exit_2(tiny, monkeypatch, capsys, case):
     extra, expected = bad_inputs(tiny)[case]
     assert run_main(cli_args(tiny) + extra, monkeypatch) == 2  # later flags win
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def test_original_flags_run_and_the_unused_ones_are_noted(tiny, monkeypatch, capsys):
+    """Every flag of the original's scripts is taken; those this run does not use are named in a note line."""
+    argv = cli_args(tiny, "--model", str(tiny["dirs"]["text_draft"]), "--end", "1", "--DP", "0.8", "--decay",
+                    "0.05", "--negative", "--static", "--offloading", "--B", "6", "--W", "2", "--D", "3")
+    assert run_main(argv, monkeypatch) == 0
+    out, err = capsys.readouterr()
+    notes = {line.split()[1] for line in err.splitlines() if line.startswith("note: ")}
+    assert notes == {"--DP", "--decay", "--negative", "--static", "--offloading"}
+    results_of(out)
 
 
 def test_skip_bad_images_goes_on_and_reports(tiny, monkeypatch, capsys):

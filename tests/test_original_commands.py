@@ -112,7 +112,7 @@ def test_original_command_with_hub_unreachable_says_what_to_pass(script, tmp_pat
     assert wanted in errors[0]
 
 
-@pytest.mark.parametrize("script", [*ORIGINAL_COMMANDS, "utils/bench/compare.py"])
+@pytest.mark.parametrize("script", [*ORIGINAL_COMMANDS, "test_llava.py", "utils/bench/compare.py"])
 def test_help_shows_every_original_flag(script, capsys, monkeypatch):
     code, out, _ = run(script, ["--help"], capsys, monkeypatch)
     assert code == 0

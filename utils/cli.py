@@ -77,7 +77,7 @@ def add_prompt_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed; prompt i uses seed + i")
     parser.add_argument("--dataset-tokenizer", default=DEFAULTS.dataset_tokenizer,
                         help="the tokenizer (hub id or folder) that made a dataset's pre-tokenized rows "
-                             "(input_tokens): they are decoded with it and re-encoded for the target, or used as "
+                             "(input_tokens or input_ids): they are decoded with it and re-encoded for the target, or used as "
                              "they are when it is the target's (default: such rows are refused)")
 
 

@@ -76,7 +76,7 @@ class RunDefaults:
     augment_width: int = 2              # augment: followers per node, nodes in drafting order from the root
     kernel: str = "auto"                # linear-layer kernels: auto (calibrated per machine), plain, onednn
     turns: str = TURNS[0]               # multi-turn rows: the first user turn, or all (answers in the history)
-    dataset_tokenizer: str | None = None  # tokenizer that made a dataset's pre-tokenized rows (input_tokens)
+    dataset_tokenizer: str | None = None  # tokenizer that made a dataset's pre-tokenized rows (input_tokens, input_ids)
     # test_llava.py: the original's prompt (the processor expands <image> into the image's tokens), and few
     # images and tokens by default, so that the offline run stays short on a CPU
     llava_prompt: str = "USER: Can you tell me what is in the image?\n<image> ASSISTANT:"

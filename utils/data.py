@@ -8,8 +8,9 @@ A `--dataset` value is resolved in this order:
 A local file or folder that happens to share a hub name can still be used as ./NAME.
 
 The rules kept here: which field holds the text, chat or plain text, multi-turn rows (`turns`: the first user
-turn, or every turn with the model's own answers in between), pre-tokenized rows (`input_tokens`, used as ids
-only for the tokenizer that made them), the [start, end) slice and prompt truncation.
+turn, or every turn with the model's own answers in between), pre-tokenized rows (`input_tokens`, or
+`input_ids` + `attention_mask` as the original's converted c4/cnn/openwebtext folders hold them; used as ids only
+for the tokenizer that made them), the [start, end) slice and prompt truncation.
 Every failure a user can cause raises `UserError` with a one-line message (scripts exit with status 2).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ BUILTIN_PATH = REPO_ROOT / "prompts" / "builtin.jsonl"
 CHAT_KIND = "chat"              # text that goes through the tokenizer's chat template
 PLAIN_KIND = "text"             # plain text from a file that does not say what it is
 PLAIN_CHAT_KIND = "chat-plain"  # a chat row used as plain text because the tokenizer has no template
-TOKENS_KIND = "tokens"          # a pre-tokenized row (`input_tokens`) made with the target's own tokenizer
+TOKENS_KIND = "tokens"          # a pre-tokenized row (`input_tokens`/`input_ids`) made with the target's tokenizer
 
 # Text fields tried in this order; the first present in a row wins. A list of strings is a conversation's user
 # turns (MT-bench's question.jsonl has `turns`; its hub copy calls them `prompt`).
@@ -42,7 +43,10 @@ CHAT_FIELDS = frozenset({"prompt", "instruction", "turns", "conversations"})
 CONVERSATION_FIELD = "conversations"
 USER_SPEAKERS = frozenset({"human", "user"})
 IMAGE_PLACEHOLDER = "<image>"   # LLaVA-Instruct marks the image's place; a text model gets the question alone
-TOKENS_FIELD = "input_tokens"
+TOKENS_FIELD = "input_tokens"  # the original's c4_small.json; taken before any text field
+# `datasets` rows of a tokenizer's output (the original's converted c4, cnn_dailymail and openwebtext folders):
+# taken when the row has no text field; `attention_mask` zeros (padding) are dropped.
+IDS_FIELD, MASK_FIELD = "input_ids", "attention_mask"
 TURNS = ("first", "all")
 
 
@@ -84,6 +88,7 @@ class _Row:
     kind: str
     turns: tuple[str, ...]
     ids: tuple[int, ...] | None = None
+    ids_field: str = TOKENS_FIELD  # where a pre-tokenized row's ids came from, for messages
 
     @property
     def text(self) -> str:
@@ -133,13 +138,24 @@ def _conversation_turns(value: Any, where: str) -> tuple[str, ...]:
     return turns
 
 
-def _as_ids(value: Any, where: str) -> tuple[int, ...]:
-    """`input_tokens` as the original project stored them: [ids] or [[ids]] (a batch of one)."""
+def _as_ids(value: Any, where: str, name: str = TOKENS_FIELD) -> tuple[int, ...]:
+    """Pre-tokenized ids as the original project stored them: [ids] or [[ids]] (a batch of one)."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
         value = value[0]
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise UserError(f"{where}: {TOKENS_FIELD} must be a list of ints or [[ints]]")
+        raise UserError(f"{where}: {name} must be a list of ints or [[ints]]")
     return tuple(value)
+
+
+def _unpadded_ids(obj: Mapping[str, Any], where: str) -> tuple[int, ...]:
+    """A tokenizer output row's `input_ids` without the positions its `attention_mask` marks as padding."""
+    ids = _as_ids(obj[IDS_FIELD], where, IDS_FIELD)
+    if obj.get(MASK_FIELD) is None:
+        return ids
+    mask = _as_ids(obj[MASK_FIELD], where, MASK_FIELD)
+    if len(mask) != len(ids):
+        raise UserError(f"{where}: {MASK_FIELD} has {len(mask)} entries for {len(ids)} {IDS_FIELD}")
+    return tuple(i for i, keep in zip(ids, mask) if keep)
 
 
 def _explicit_kind(obj: Mapping[str, Any], where: str) -> str | None:
@@ -161,8 +177,10 @@ def _row_from_object(obj: Any, where: str, kind: str | None = None, field: str |
         return _Row(_explicit_kind(obj, where) or TOKENS_KIND, (), _as_ids(obj[TOKENS_FIELD], where))
     fields = (field,) if field is not None else TEXT_FIELDS
     found = next((f for f in fields if obj.get(f) is not None), None)
+    if found is None and field is None and obj.get(IDS_FIELD) is not None:
+        return _Row(_explicit_kind(obj, where) or TOKENS_KIND, (), _unpadded_ids(obj, where), IDS_FIELD)
     if found is None:
-        raise UserError(f"{where}: no text field (tried {', '.join(fields)}) and no {TOKENS_FIELD}")
+        raise UserError(f"{where}: no text field (tried {', '.join(fields)}) and no {TOKENS_FIELD} or {IDS_FIELD}")
     turns = (_conversation_turns if found == CONVERSATION_FIELD else _as_turns)(obj[found], where)
     return _Row(kind or _explicit_kind(obj, where) or default_kind(found), turns)
 
@@ -314,12 +332,12 @@ def _pretokenized(row: _Row, tokenizer: Any, source: tuple[Any, bool] | None, pr
     with the target's tokenizer. A row whose tokenizer is not known stops the run: ids from another vocabulary
     are valid-looking garbage."""
     if source is None:
-        raise UserError(f"{where} holds pre-tokenized ids ({TOKENS_FIELD}) and nothing says which tokenizer made "
+        raise UserError(f"{where} holds pre-tokenized ids ({row.ids_field}) and nothing says which tokenizer made "
                         "them: pass --dataset-tokenizer NAME_OR_PATH (that tokenizer; the target's own if it made "
                         "them), or use a dataset with a text field")
     made_with, fits = source
     if any(i < 0 or i >= len(made_with) for i in row.ids):
-        raise UserError(f"{where}: {TOKENS_FIELD} holds ids outside the {len(made_with)}-token vocabulary of the "
+        raise UserError(f"{where}: {row.ids_field} holds ids outside the {len(made_with)}-token vocabulary of the "
                         "--dataset-tokenizer: it is not the tokenizer that made them")
     if fits:
         ids = list(row.ids[:prompt_len])

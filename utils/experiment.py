@@ -42,6 +42,23 @@ class KernelChoice:
     record: dict
 
 
+@dataclass(frozen=True)
+class TextPrompts:
+    """A text run's tokenizer and prompts. Scripts load them first, before the calibration or any model, so a bad
+    dataset (rows it cannot read, ids of an unknown tokenizer) fails in seconds, not after the models load."""
+
+    tokenizer: object
+    prompts: list[Prompt]
+
+
+def load_text_prompts(args: argparse.Namespace) -> TextPrompts:
+    """The --target's tokenizer and the prompts the data flags name (utils.data.prompts_from_args)."""
+    from utils.data import prompts_from_args
+
+    tokenizer = load_tokenizer(args.target)
+    return TextPrompts(tokenizer, prompts_from_args(args, tokenizer))
+
+
 def fixed_plan(args: argparse.Namespace, need_draft: bool) -> tuple[Growmap, dict, KernelChoice]:
     """A static-tree run without calibration: --growmap (or the shipped default) and both models in --dtype
     with plain kernels. utils/calibration's `plan_static_run` is the calibrated one (same signature)."""
@@ -433,7 +450,8 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
             processes: Processes = SINGLE, load_target: Callable | None = None, verifier_override=None,
             quality: bool = False, references: dict[int, list[int]] | None = None,
             kernels: KernelChoice | None = None,
-            load: Callable[[argparse.Namespace, torch.dtype, int], Workload] | None = None) -> dict | None:
+            load: Callable[[argparse.Namespace, torch.dtype, int], Workload] | None = None,
+            text: TextPrompts | None = None) -> dict | None:
     """The body every decoding script shares: models, prompts, run, summary, result files; returns the summary
     (in the main process).
 
@@ -446,11 +464,11 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
     output ids) caches across runs on the same prompts. `kernels` (utils/calibration/) sets each model's dtype
     and kernels, else both run in --dtype with plain kernels.
     `load(args, dtype, tree_size)` replaces the text prompts and pair with another workload (test_llava.py's
-    image prompts; it checks --M itself).
+    image prompts; it checks --M itself). `text`: the prompts the script loaded first (`load_text_prompts`),
+    else they are loaded here.
     """
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
     from utils.cli import resolve_dtype
-    from utils.data import prompts_from_args
     from utils.report import emit, format_summary, hardware, library_versions
 
     device = processes.device or args.device
@@ -462,8 +480,8 @@ def execute(args: argparse.Namespace, script: str, make_drafter, tree_size: int,
         check_resume(args.resume, script, flags)  # a wrong --resume fails before anything loads
     if load is None:
         check_kv_slots(args, args.prompt_len, tree_size)
-        tokenizer = load_tokenizer(args.target)
-        prompts = prompts_from_args(args, tokenizer)
+        text = text if text is not None else load_text_prompts(args)
+        tokenizer, prompts = text.tokenizer, text.prompts
         turns = 1 + max(len(p.later_turns) for p in prompts)
         if turns > 1 and turns * (args.prompt_len + args.max_new_tokens) + tree_size > args.M:
             raise UserError(f"--M {args.M} is too small for {turns}-turn conversations: each turn adds up to a "

@@ -160,7 +160,27 @@ def load_tokenizer(spec: str | None):
     folder = Path(spec).expanduser() if spec is not None else None
     tokenizer_only = folder is not None and (folder / "tokenizer_config.json").is_file()
     name = str(folder) if tokenizer_only else resolve_model_path(spec)
+    check_sentencepiece(Path(name))
     return _from_hub_or_folder(AutoTokenizer.from_pretrained, name, "the tokenizer of ")
+
+
+def check_sentencepiece(folder: Path) -> None:
+    """A folder whose tokenizer is a SentencePiece tokenizer.model alone needs sentencepiece (and protobuf) to be
+    read; without them transformers fails with an unrelated message, so say what is missing."""
+    if not (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
+        return
+    missing = [name for name in ("sentencepiece", "google.protobuf") if _missing(name)]
+    if missing:
+        raise UserError(f"{folder}'s tokenizer is a SentencePiece tokenizer.model, which needs "
+                        f"{' and '.join(m.split('.')[-1] for m in missing)}: pip install sentencepiece protobuf "
+                        "(both in requirements.txt)")
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a parent package absent, or a module set to None in sys.modules
+        return True
 
 
 def load_hf_model(spec: str | None, dtype: torch.dtype, device: str | torch.device):

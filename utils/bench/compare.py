@@ -301,8 +301,7 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
     from engine.verifiers import LOSSLESS, SAMPLED_CHILDREN
     from utils.bench.methods import prepare_methods, run_alternating
     from utils.cli import quiet_transformers
-    from utils.data import prompts_from_args
-    from utils.experiment import load_pair
+    from utils.experiment import load_pair, load_text_prompts
     from utils.models import default_token_draft_for, load_hf_model
     from utils.report import emit, hardware, library_versions
     from utils.run_log import check_resume, launched_world_size, open_run, sweep
@@ -318,6 +317,7 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
     sampling = Sampling(args.T, args.P)
     verifier = "greedy" if sampling.greedy else args.verify
     need_draft = any(m in DRAFT_METHODS for m in methods)
+    text = load_text_prompts(args)  # a bad dataset fails before the calibration or any model loads
     growmap, origin, kernels = plan_run(args, need_draft)
     dynamic = dynamic_shape(args, growmap)
     emit(kernels.line)
@@ -325,9 +325,9 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
     if args.resume:
         check_resume(args.resume, "bench", vars(args))  # a wrong --resume fails before the models load
     max_len = args.prompt_len + args.max_new_tokens + max(growmap.size, dynamic.slots_bound()) + args.lookup + 1
-    pair = load_pair(args.target, args.model, need_draft, dtype, args.device, max_len,
+    pair = load_pair(args.target, args.model, need_draft, dtype, args.device, max_len, text.tokenizer,
                      plans=(kernels.target, kernels.draft), cuda_graphs=args.cuda_graphs)
-    prompts = prompts_from_args(args, pair.tokenizer)
+    prompts = text.prompts
 
     assistant_draft = None
     if "assisted" in methods and (args.assistant or pair.draft.uses_target_features):

@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils.data import BUILTIN_NAME, HUB_DATASETS
 from utils.errors import UserError, first_line
 from utils.models import cache_dir
 
@@ -108,6 +109,11 @@ def image_prompts(dataset: str | None, image_dir: str | None, prompt: str, start
     """Rows [start, end) of the chosen source (module docstring), images not opened yet."""
     if dataset is not None:
         path = Path(dataset).expanduser()
+        if not path.is_file() and dataset in (BUILTIN_NAME, *HUB_DATASETS):
+            raise UserError(f"--dataset {dataset} is a text dataset with no images, and test_llava.py decodes image "
+                            "prompts: pass --image-dir FOLDER (each image asked --prompt) or --dataset FILE of image "
+                            "rows (the original's instruct150k_subset.json, with --image-dir where its COCO images "
+                            "are); text prompts go to test_greedyS.py")
         if not path.is_file():
             raise UserError(f"--dataset {dataset} does not exist (a .json or .jsonl file of image rows)")
         base = Path(image_dir).expanduser() if image_dir is not None else path.parent

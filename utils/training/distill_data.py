@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from transformers import StaticCache
 
 from utils.errors import UserError
@@ -424,7 +425,7 @@ def gqa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
     preallocated cache each step, and its SDPA path is slow for one-token queries on CPU; this groups the
     query heads of each key/value head instead, and skips the cache slots that no row has filled yet.
     """
-    b, h, q_len, d = query.shape
+    q_len = query.shape[2]
     kv = key.shape[1]
     length = key.shape[2]
     if attention_mask is not None:
@@ -436,12 +437,13 @@ def gqa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
         additive = torch.zeros(mask.shape[0], 1, 1, q_len, length, dtype=query.dtype)
         additive.masked_fill_(~mask[:, :, None, :, :length], torch.finfo(query.dtype).min)
     k, v = key[:, :, :length], value[:, :, :length]
-    scores = (query.reshape(b, kv, (h // kv) * q_len, d) @ k.transpose(-1, -2)) * scaling
-    scores = scores.view(b, kv, h // kv, q_len, length)
+    # query head (kv g) reads key/value head kv: each key/value head's g query heads go through one matmul
+    grouped = rearrange(query, "b (kv g) n d -> b kv (g n) d", kv=kv)
+    scores = rearrange((grouped @ k.transpose(-1, -2)) * scaling, "b kv (g n) l -> b kv g n l", n=q_len)
     if attention_mask is not None:
         scores = scores + additive
-    probs = torch.softmax(scores.float(), -1).to(query.dtype).view(b, kv, (h // kv) * q_len, length)
-    out = (probs @ v).view(b, h, q_len, d).transpose(1, 2).contiguous()
+    probs = rearrange(torch.softmax(scores.float(), -1).to(query.dtype), "b kv g n l -> b kv (g n) l")
+    out = rearrange(probs @ v, "b kv (g n) d -> b n (kv g) d", n=q_len).contiguous()
     return out, None
 
 
