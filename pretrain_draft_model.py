@@ -79,7 +79,10 @@ HELP = {
     "final_dir": "also write the final model (no optimizer state) with its settings, loss log and metrics here",
     "eval_only": "only evaluate the --init draft on the held-out rows of the data (same --seed, --eval-rows) "
                  "and print loss and agreement with the target's greedy token",
-    "resume": "continue from the newest checkpoint-N in --output-dir (step, optimizer, schedule, data position)",
+    "resume": "continue from the newest checkpoint-N in --output-dir (step, optimizer, schedule, data position); "
+              "settings that differ from its train_settings.json are named and the run stops",
+    "resume_changed": "with --resume: go on although settings differ from the stored train_settings.json (the new "
+                      "ones are recorded)",
     "seed": "random seed (initialisation, data order, held-out split)",
 }
 

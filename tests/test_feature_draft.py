@@ -128,7 +128,8 @@ def test_feature_training_lowers_loss_and_checkpoint_runs_test_greedyS(tmp_path,
 def test_resume_continues_a_feature_run(tmp_path, tiny_target, text_file):
     out = tmp_path / "run"
     train(feature_settings(out, tiny_target, text_file, max_steps=20, save_steps=10))
-    train(feature_settings(out, tiny_target, text_file, max_steps=30, save_steps=10, resume=True))
+    train(feature_settings(out, tiny_target, text_file, max_steps=30, save_steps=10, resume=True,
+                           resume_changed=True))
     assert checkpoints(out)[-1].name == "checkpoint-30"
     steps = [r["step"] for r in read_log(out) if "loss" in r]
     assert steps[steps.index(20) + 1] == 25

@@ -60,7 +60,8 @@ def test_resume_picks_up_step_count(tmp_path, tiny_target, text_file):
     out = tmp_path / "run"
     train(tiny_settings(out, tiny_target, text_file, max_steps=20, save_steps=10))
     assert [p.name for p in checkpoints(out)] == ["checkpoint-10", "checkpoint-20"]
-    train(tiny_settings(out, tiny_target, text_file, max_steps=30, save_steps=10, resume=True))
+    # a longer run is a changed setting (its schedule decays over 30 steps, not 20): allowed when asked for
+    train(tiny_settings(out, tiny_target, text_file, max_steps=30, save_steps=10, resume=True, resume_changed=True))
     assert checkpoints(out)[-1].name == "checkpoint-30"
     steps = [r["step"] for r in read_log(out) if "loss" in r]
     assert steps[steps.index(20) + 1] == 25  # continued at step 21, not from scratch

@@ -64,10 +64,33 @@ def prepare_output_dir(s: TrainSettings) -> list[Path]:
     found = checkpoints(out_dir) if s.resume else []
     if s.resume and not found:
         raise UserError(f"--resume: no complete checkpoint-N folder in {out_dir}")
+    if s.resume and not s.resume_changed:
+        check_same_settings(out_dir / SETTINGS_FILE, s)
     if not s.resume and checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: pass --resume to continue, or another --output-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     return found
+
+
+# Flags that say how to continue and where the run's folder now is, not what is trained: not compared on --resume.
+RESUME_FLAGS = ("resume", "resume_changed", "output_dir")
+
+
+def changed_settings(stored: dict, s: TrainSettings) -> list[str]:
+    """'name: stored -> now' for each setting of `s` that differs from a stored train_settings.json."""
+    now = json.loads(json.dumps(asdict(s)))  # tuples as lists, as the file holds them
+    return [f"{name}: {stored.get(name)!r} -> {value!r}" for name, value in now.items()
+            if name not in RESUME_FLAGS and stored.get(name) != value]
+
+
+def check_same_settings(path: Path, s: TrainSettings) -> None:
+    """A resumed run continues the stored one only with its settings; a change is named, unless told to go on."""
+    if not path.is_file():
+        return  # a run from before settings were stored beside the checkpoints
+    changed = changed_settings(json.loads(path.read_text()), s)
+    if changed:
+        raise UserError(f"--resume: settings differ from {path} ({'; '.join(changed)}): pass the stored values, "
+                        "or --resume-changed to go on with the new ones")
 
 
 def adamw(params: list[torch.nn.Parameter], s: TrainSettings, betas: tuple[float, float]) -> torch.optim.AdamW:
@@ -95,6 +118,15 @@ def lr_factor(s: TrainSettings, step: int, elapsed_s: float) -> float:
         t = max(t, elapsed_s / (s.max_minutes * 60))
     t = min(1.0, t)
     return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def make_accelerator(s: TrainSettings):
+    """The run's `accelerate.Accelerator`. On a machine without a GPU it is told so (`cpu=True`): only then does
+    a launched run (`torchrun`, `accelerate launch`) join one gloo process group instead of every process
+    training alone on the whole batch and writing the same checkpoints."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=s.mixed_precision)
 
 
 def optimizer_step(accelerator, loss: torch.Tensor, params, optimizer) -> None:
@@ -211,6 +243,8 @@ def train_loop(s: TrainSettings, accelerator, spans: list[tuple[int, int]], step
         losses = hooks.losses(mine, step)
         optimizer_step(accelerator, losses["loss"], params, optimizer)
         step += 1
+        if world > 1:  # the log shows the global batch's losses, not the main process's share of it
+            losses = {key: accelerator.reduce(value.detach(), "mean") for key, value in losses.items()}
         out_of_time = progress.after_step(step, lr, losses)
         if due(step, s.eval_steps, s, out_of_time) and accelerator.is_main_process:
             last_eval = hooks.evaluate()

@@ -29,8 +29,8 @@ from engine.feature_draft import FEATURE_DRAFT_KEY, FeatureDraftNet
 from utils.errors import UserError
 from utils.models import (DraftVocab, head_weight, load_draft_vocab, load_feature_net, load_hf_model, load_tokenizer,
                           resolve_model_path)
-from utils.training.common import (LoopHooks, adamw, prepare_output_dir, restore_training_state, train_loop,
-                                   write_run_info)
+from utils.training.common import (LoopHooks, adamw, make_accelerator, prepare_output_dir, restore_training_state,
+                                   train_loop, write_run_info)
 from utils.training.settings import TrainSettings, parse_target_layers, ttt_passes, validate
 from utils.training.training_data import (check_tokenizer_match, choose_subset, heldout_coverage, load_training_data,
                                           split_rows, windows)
@@ -343,11 +343,9 @@ def ttt_losses(net: FeatureDraftNet, predicted: torch.Tensor, final: torch.Tenso
 
 def train_feature_draft(s: TrainSettings) -> dict[str, float]:
     """Train (or resume) a feature draft with TrainSettings `s`; returns the last held-out metrics."""
-    from accelerate import Accelerator
-
     validate(s)
     s = replace(s, ttt_steps=ttt_passes(s))  # the passes run, as train_settings.json records them
-    accelerator = Accelerator(mixed_precision=s.mixed_precision if s.mixed_precision != "no" else "no")
+    accelerator = make_accelerator(s)
     torch.manual_seed(s.seed)
     out_dir = Path(s.output_dir)
     found = prepare_output_dir(s)

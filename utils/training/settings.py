@@ -105,6 +105,7 @@ class TrainSettings:
     final_dir: str | None = None
     eval_only: bool = False
     resume: bool = False
+    resume_changed: bool = False
     seed: int = 0
 
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from utils.errors import UserError
 from utils.models import DraftVocab, is_feature_draft, load_draft_vocab, load_hf_model, load_tokenizer, resolve_model_path
-from utils.training.common import (LoopHooks, adamw, prepare_output_dir, restore_training_state, train_loop,
-                                   write_run_info)
+from utils.training.common import (LoopHooks, adamw, make_accelerator, prepare_output_dir, restore_training_state,
+                                   train_loop, write_run_info)
 from utils.training.distill_data import DistillData
 from utils.training.settings import IGNORE, PRESETS, SETTINGS_FILE, TrainSettings, validate
 from utils.training.training_data import (Batch, check_tokenizer_match, choose_subset, draft_to_target,
@@ -255,10 +255,8 @@ def pad_id_of(tokenizer) -> int:
 
 def train_token_draft(s: TrainSettings) -> dict[str, float]:
     """Train (or resume) a token draft; returns the last held-out metrics."""
-    from accelerate import Accelerator
-
     validate(s)
-    accelerator = Accelerator(mixed_precision=s.mixed_precision if s.mixed_precision != "no" else "no")
+    accelerator = make_accelerator(s)
     torch.manual_seed(s.seed)
     found = prepare_output_dir(s)
     tokenizer = load_tokenizer(s.target)
