@@ -125,7 +125,11 @@ def format_eta(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def run_study(study: Study, study_dir: Path, study_path: str, say: Callable[[str], None] = print) -> list[Cell]:
+def say_now(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_study(study: Study, study_dir: Path, study_path: str, say: Callable[[str], None] = say_now) -> list[Cell]:
     """Check every cell, then run those not finished, in file order; returns the cells."""
     cells = study_cells(study)
     check_cells(cells, study_dir)
