@@ -27,7 +27,8 @@ def _finished(folder: Path) -> list[tuple[dict, list[dict]]]:
             summary = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(summary, dict) and "script" in summary and summary.get("partial") is False:
+        combined = isinstance(summary, dict) and "runs" in summary  # commonsense's side-by-side file: no prompt rows
+        if isinstance(summary, dict) and "script" in summary and summary.get("partial") is False and not combined:
             out.append((summary, list(read_rows([path.with_suffix(".jsonl")]).values())))
     return out
 
@@ -117,9 +118,10 @@ def cell_rows(cell: dict, folder: Path) -> list[dict]:
     for summary, rows in _finished(folder):
         name = summary["script"]
         if name == "test_greedyS_logit":
-            for spec, draft in zip(summary["flags"]["model"], summary["drafts"]):
-                add(draft, True, summary, len(rows), potential_figures(rows, draft) | {})
-                out[-1]["model"] = spec  # joined with the decoding cells' --model
+            specs = cell["flags"].get("model", summary["flags"]["model"])
+            for spec, draft in zip(specs if isinstance(specs, list) else [specs], summary["drafts"]):
+                add(draft, True, summary, len(rows), potential_figures(rows, draft))
+                out[-1]["model"] = spec  # as the study file writes it: joined with the decoding cells' --model
         elif name == "bench":
             for method in summary.get("methods", {}):
                 if method != "generate":
