@@ -19,13 +19,13 @@ SHOWN = ("tokens_per_step", "drafted_per_step", "tokens_per_s", "speedup", "toke
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), []) if Path("/proc/cpuinfo").exists() else []
+    """The CPU, its core count and vector ISA flags, and the load when the report was made."""
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+               platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu} ({os.cpu_count()} cores; {', '.join(isa)}); load average {load:.2f} when reported"
+    return f"{cpu} ({os.cpu_count()} cores; {', '.join(isa)}); load average {os.getloadavg()[0]:.2f} when reported"
 
 
 def _cell(row: pd.Series, figure: str) -> str:
@@ -65,10 +65,14 @@ def write_report(study_dir: Path) -> Path:
             figures.append(potential_figure(table, study_dir / "potential_vs_acceptance.png",
                                             claim.options["x_experiment"], claim.options["y_experiment"],
                                             claim.options["y"], verdict.figures.get("spearman")))
-    done = sum((study_dir / "cells" / c["folder"] / "cell.json").is_file() for c in record["cells"])
+    finished = [json.loads(path.read_text()) for c in record["cells"]
+                if (path := study_dir / "cells" / c["folder"] / "cell.json").is_file()]
+    loads = [cell["load_average"] for cell in finished if "load_average" in cell]
+    load = f"; load average {min(loads):.2f}-{max(loads):.2f} as cells ended" if loads else ""
     lines = [f"# Study {record['name']} ({record['size']})", "",
-             f"- study file: {record['file']}; {done} of {len(record['cells'])} cells finished",
-             f"- machine: {machine()}",
+             f"- study file: {record['file']}; {len(finished)} of {len(record['cells'])} cells finished, "
+             f"{sum(cell['seconds'] for cell in finished) / 60:.1f} min of cell time",
+             f"- machine: {machine()}{load}",
              "- intervals: 95% percentile bootstrap over prompts (2000 resamples); speedup paired by prompt with "
              "the same cell's baseline (the target alone)", "", "## Claims", ""]
     for verdict in verdicts:

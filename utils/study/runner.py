@@ -148,8 +148,8 @@ def run_study(study: Study, study_dir: Path, study_path: str, say: Callable[[str
             raise UserError(f"cell {cell.name} failed, {exc}; fix it and run the study again (finished cells "
                             "are kept)") from None
         spent.append(seconds)
-        atomic_write_text(folder / DONE_FILE, json.dumps({"name": cell.name, "command": command,
-                                                           "seconds": seconds}, indent=2) + "\n")
+        atomic_write_text(folder / DONE_FILE, json.dumps({"name": cell.name, "command": command, "seconds": seconds,
+                                                           "load_average": os.getloadavg()[0]}, indent=2) + "\n")
         left = len(todo) - number
         eta = f", ETA {format_eta(sum(spent) / len(spent) * left)}" if left else ""
         say(f"[{number}/{len(todo)}] {cell.name}{resumed}: {seconds:.0f} s; {left} left{eta}")
