@@ -27,8 +27,8 @@ class Experiment:
 @dataclass(frozen=True)
 class Claim:
     """A claim of the study written as a check on the table (utils/study/verdicts.py says how each kind is
-    judged). `compare`: rows matching `a` against rows matching `b` of one experiment, paired on the other
-    grid columns. `rank`: `x` of one experiment against `y` of another, joined on `key`."""
+    judged). `compare`: rows matching `a` against rows matching `b` of one experiment, paired on its
+    `pair_on` columns. `rank`: `x` of one experiment against `y` of another, joined on `key`."""
 
     text: str
     kind: str
