@@ -11,17 +11,22 @@ from __future__ import annotations
 from engine.drafters import StaticTreeDrafter
 from engine.sampling import Sampling
 from utils.calibration import add_calibration_flags, plan_static_run
-from utils.cli import decoding_parser, run_cli, validate_common
+from utils.cli import OneLineParser, decoding_parser, run_cli, validate_common
 from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
 from utils.experiment import execute, load_text_prompts, sampled_children
 from utils.original_flags import draft_top_p, report_ignored, static_tree_reasons
 
 
-def main() -> None:
+def build_parser() -> OneLineParser:
     parser = decoding_parser(__doc__, "test_greedyS")
     add_calibration_flags(parser)
     parser.set_defaults(growmap=None)  # no --growmap: the tree the calibration's search picks (utils/calibration)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     validate_common(args)
     report_ignored(parser, args, static_tree_reasons(sampled_children(args)))

@@ -18,7 +18,7 @@ from engine.commonsense import FollowerAugmentDrafter, SubstituteVerifier
 from engine.drafters import StaticTreeDrafter
 from engine.growmap import load_growmap
 from engine.sampling import Sampling
-from utils.cli import decoding_parser, run_cli, validate_common
+from utils.cli import OneLineParser, decoding_parser, run_cli, validate_common
 from utils.commonsense.runs import VARIANTS, plan_runs, side_by_side
 from utils.commonsense.table import default_followers, load_followers, target_vocab_size
 from utils.config import DEFAULTS
@@ -47,7 +47,7 @@ def validate(args: argparse.Namespace, tree_size: int) -> None:
                         "verification cannot take: use --verify match")
 
 
-def main() -> None:
+def build_parser() -> OneLineParser:
     parser = decoding_parser(__doc__, SCRIPT, "; one file per run, and the side-by-side table")
     parser.add_argument("--followers", default=DEFAULTS.followers,
                         help="follower table: .pt (python -m utils.commonsense build) or the original's text format "
@@ -59,6 +59,11 @@ def main() -> None:
                         help="augment: follower nodes added per step at most (counted in --M)")
     parser.add_argument("--augment-width", type=int, default=DEFAULTS.augment_width,
                         help="augment: followers per node; nodes are taken in drafting order from the root")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     validate_common(args)
     report_ignored(parser, args, static_tree_reasons(sampled_children(args)))

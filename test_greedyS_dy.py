@@ -18,7 +18,7 @@ from engine.dynamic_drafter import SCORES, DynamicTreeDrafter
 from engine.growmap import load_growmap
 from engine.sampling import Sampling
 from utils.calibration import add_calibration_flags, choose_kernels, dynamic_step_rows, static_step_rows
-from utils.cli import decoding_parser, run_cli, validate_common, validate_tree_flags
+from utils.cli import OneLineParser, decoding_parser, run_cli, validate_common, validate_tree_flags
 from utils.config import DEFAULTS
 from utils.distributed.offload import target_loader
 from utils.distributed.processes import start_processes
@@ -40,12 +40,17 @@ def ignored_reasons(args: argparse.Namespace) -> dict[str, str]:
     return reasons
 
 
-def main() -> None:
+def build_parser() -> OneLineParser:
     parser = decoding_parser(__doc__, "test_greedyS_dy", ", with tree_shapes")
     parser.add_argument("--score", default=DEFAULTS.score, choices=SCORES,
                         help="logprob = cumulative draft log-probability (EAGLE-2); original = the original's "
                              "depth-weighted cumulative logit (see --decay; not with --verify specinfer)")
     add_calibration_flags(parser)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     validate_common(args)
     report_ignored(parser, args, ignored_reasons(args))

@@ -230,7 +230,7 @@ def plot_speedups(methods: dict[str, dict], path: Path, title: str) -> Path:
     return path
 
 
-def parse_args(argv: list[str] | None = None, add_flags: Callable | None = None) -> argparse.Namespace:
+def build_parser(add_flags: Callable | None = None) -> OneLineParser:
     parser = OneLineParser(prog="python -m utils.bench", description=__doc__.split("\n\n")[0],
                            epilog="Results: <results-dir>/bench-<time>.json (+ .jsonl, .png); "
                                   "the last output line is 'results: <path>'.")
@@ -267,7 +267,11 @@ def parse_args(argv: list[str] | None = None, add_flags: Callable | None = None)
     add_lookup_flags(parser)  # the suite's own prompt lookup on its static and dynamic trees
     if add_flags is not None:
         add_flags(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, add_flags: Callable | None = None) -> argparse.Namespace:
+    return build_parser(add_flags).parse_args(argv)
 
 
 def selected_methods(spec: str) -> list[str]:
