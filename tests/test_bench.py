@@ -155,3 +155,17 @@ def test_figures_and_table():
     table = bench.format_table({"static_tree": {**figures, "matches_generate": True, "dtype": "float32"},
                                 "dynamic_tree": {"skipped": "not there yet"}})
     assert "static_tree" in table and "skipped: not there yet" in table and "yes" in table
+
+
+def test_rows_on_a_lossy_path_are_marked_with_their_numerics_and_baseline_match():
+    runs = {"baseline": [Run([1, 2], 1.0, 2)], "static_tree": [Run([1, 2], 0.5, 1)], "dynamic_tree": [Run([1, 3], 0.5, 1)],
+            "generate": [Run([1, 2], 1.0, 2)]}
+    figures = {name: {**bench.method_figures(r, runs["generate"]), "matches_generate": False, "dtype": "float32"}
+               for name, r in runs.items()}
+    bench.mark_numerics(figures, runs, {"lossy": False})
+    assert "numerics" not in figures["static_tree"]
+    bench.mark_numerics(figures, runs, {"lossy": True, "target_numerics": "8-bit activations, llama.cpp-style"})
+    assert figures["static_tree"]["matches_suite_baseline"] and not figures["dynamic_tree"]["matches_suite_baseline"]
+    assert "numerics" not in figures["generate"]
+    table = bench.format_table(figures)
+    assert table.count("LOSSY: 8-bit activations") == 3

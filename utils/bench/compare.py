@@ -21,7 +21,7 @@ import torch
 
 from engine.growmap import Growmap
 from engine.verifiers import VERIFIERS
-from utils.bench.methods import METHODS, PROMPT_LOOKUP_TOKENS, BenchSetup, DynamicShape, Run
+from utils.bench.methods import METHODS, PROMPT_LOOKUP_TOKENS, SUITE_METHODS, BenchSetup, DynamicShape, Run
 from utils.cli import (OneLineParser, add_cuda_graph_flag, add_data_flags, add_lookup_flags, add_model_flags,
                        finite_float, run_cli, validate_common)
 from utils.config import DEFAULTS
@@ -181,6 +181,19 @@ def collect_figures(methods: list[str], setup: BenchSetup, runs: dict[str, list[
     return figures, divergences
 
 
+def mark_numerics(figures: dict[str, dict], runs: dict[str, list[Run]], kernels: dict) -> None:
+    """The suite's rows of a run on a lossy path (8-bit activations) say so, and whether their outputs equal the
+    suite baseline's on that path (the exactness that holds there; 'matches' compares with float32 generate)."""
+    if not kernels.get("lossy"):
+        return
+    for name in SUITE_METHODS:
+        if name in figures and not figures[name].get("skipped"):
+            figures[name]["numerics"] = kernels["target_numerics"]
+            if "baseline" in runs:
+                figures[name]["matches_suite_baseline"] = all(
+                    a.output_ids == b.output_ids for a, b in zip(runs[name], runs["baseline"]))
+
+
 def _fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else format(value, pattern)
 
@@ -201,7 +214,9 @@ def format_table(methods: dict[str, dict]) -> str:
         match = {None: "-", True: "yes", False: "NO"}[fig["matches_generate"]]
         lines.append(f"{name:<14}{fig['tokens_per_second']:>9.2f}{tps_range:>17}"
                      f"{fig['ms_per_token']:>9.2f}{fig['mean_accepted_tokens']:>10.2f}"
-                     f"{_fmt(fig['speedup_vs_generate'], '.2f'):>9}{speed_range:>15}{match:>9}  {fig['dtype']}")
+                     f"{_fmt(fig['speedup_vs_generate'], '.2f'):>9}{speed_range:>15}{match:>9}  {fig['dtype']}"
+                     + (f" LOSSY: {fig['numerics']}; outputs = suite baseline's: "
+                        f"{'yes' if fig.get('matches_suite_baseline') else 'NO'}" if fig.get("numerics") else ""))
     return "\n".join(lines)
 
 
@@ -364,6 +379,7 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
             return header
         runs = {name: [Run(**row["outputs"][name]) for row in rows] for name in setup.runners}
         figures, divergences = collect_figures(methods, setup, runs, prompts, sampling.greedy, args.max_new_tokens)
+        mark_numerics(figures, runs, kernels.record)
         return {**header, "divergences": [asdict(d) for d in divergences], "methods": figures}
 
     def work(mine: list[Prompt], append) -> None:
