@@ -48,7 +48,8 @@ static inline float hsum(__m256 v) {
 // q = round(x * 127 / max|x|) half to even, s = d * sum(q), with d and s kept in float32 (llama.cpp rounds them to
 // float16). Then per block the integer dot product sum(qw * qx) is exact whatever the instructions: vpmaddubsw +
 // vpmaddwd (AVX2; no saturation: |a pair's products| <= 2 * 15 * 127 for Q4_1, 2 * 128 * 127 for Q8_0 with the
-// sign trick) or vpdpbusd (VNNI) give 8 int32 lanes of partial sums; the block sum is reduced in integers (exact, so the ISA cannot matter), converted to float and accumulated as
+// sign trick) or vpdpbusd (VNNI) give 8 int32 lanes of partial sums; the block sum is reduced in integers
+// (exact, so the ISA cannot matter), converted to float and accumulated as
 // acc = (d_w * d_x) * sum + acc block after block, then for Q4_1 plus sum_b min_b * s_b accumulated in block
 // order: one order per output, whatever M or the ISA.
 

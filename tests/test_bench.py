@@ -158,8 +158,8 @@ def test_figures_and_table():
 
 
 def test_rows_on_a_lossy_path_are_marked_with_their_numerics_and_baseline_match():
-    runs = {"baseline": [Run([1, 2], 1.0, 2)], "static_tree": [Run([1, 2], 0.5, 1)], "dynamic_tree": [Run([1, 3], 0.5, 1)],
-            "generate": [Run([1, 2], 1.0, 2)]}
+    runs = {"baseline": [Run([1, 2], 1.0, 2)], "static_tree": [Run([1, 2], 0.5, 1)],
+            "dynamic_tree": [Run([1, 3], 0.5, 1)], "generate": [Run([1, 2], 1.0, 2)]}
     figures = {name: {**bench.method_figures(r, runs["generate"]), "matches_generate": False, "dtype": "float32"}
                for name, r in runs.items()}
     bench.mark_numerics(figures, runs, {"lossy": False})

@@ -172,7 +172,8 @@ def _bind_layer(library: ctypes.CDLL) -> ctypes._CFuncPtr:
 def _matrix(linear: BlockLinear | FusedBlockLinear) -> _Matrix:
     bias = linear.bias.detach() if linear.bias is not None else None
     weight = linear.blocks
-    return _Matrix(kind_bits(linear.kernel_id), weight.scales.data_ptr(), weight.mins.data_ptr(), weight.quants.data_ptr(),
+    return _Matrix(kind_bits(linear.kernel_id), weight.scales.data_ptr(), weight.mins.data_ptr(),
+                   weight.quants.data_ptr(),
                    weight.out_features, weight.in_features, None if bias is None else bias.data_ptr())
 
 

@@ -157,7 +157,7 @@ def collect_figures(methods: list[str], setup: BenchSetup, runs: dict[str, list[
     timed_dtype = setup.dtypes["generate"]
     references = {timed_dtype: runs["generate"]}
     if greedy:
-        for dtype in sorted(set(setup.dtypes.values()) - {timed_dtype}):
+        for dtype in sorted(set(setup.dtypes.values()) - {timed_dtype, LLAMA_CPP_LABEL}):
             runner = setup.references[dtype][0]
             references[dtype] = [runner(prompt, max_new_tokens) for prompt in prompts]
     figures: dict[str, dict] = {}
