@@ -8,6 +8,11 @@ the same numbers, only the summation order differs from the plain path. The kern
 fixed order whatever the number of rows, so a row's result does not depend on the rows beside it: tree
 verification and the autoregressive reference agree bit for bit.
 
+With `q8=True` the same blocks run with llama.cpp's numerics instead: each input row quantized to 8 bits per block
+of 32 (a scale, and for Q4_1 weights the block's sum), integer block dot products (exact), float accumulation in
+one fixed order per output. Lossy against float32 (docs/q8_activations.md measures how much), still
+batch-invariant: a row's result depends on that row alone, so tree and autoregressive greedy agree bit for bit.
+
 The kernel itself (engine/gguf_blocks.c) is compiled and loaded by utils/native_kernels.py and handed in as a
 `BlockMatmul`; everything here is plain torch.
 """
@@ -23,6 +28,8 @@ from torch import nn
 BLOCK = 32  # weights per GGUF block, both formats
 # format -> (kernel id, bytes per block in the file, bytes of quantized values per block)
 FORMATS = {"Q4_1": (0, 20, 16), "Q8_0": (1, 34, 32)}
+Q8_ACTIVATIONS = 2  # added to a format's kernel id: the kernel quantizes the activations to 8 bits
+NUMERICS = {False: "float32 products", True: "8-bit activations, llama.cpp-style (lossy vs float32)"}
 
 
 @dataclass(frozen=True)
@@ -120,9 +127,9 @@ BlockMatmul = Callable[[int, torch.Tensor, BlockWeight, torch.Tensor], None]
 class BlockLinear(nn.Module):
     """`nn.Linear`'s call over a BlockWeight. Keeps the original float32 `weight` (shared, no copy) for code
     that reads it, and runs `F.linear` on it for inputs the kernel does not take (another dtype or device,
-    autograd)."""
+    autograd). `q8`: activations quantized to 8 bits in the kernel (llama.cpp's numerics, lossy)."""
 
-    def __init__(self, linear: nn.Linear, blocks: BlockWeight, matmul: BlockMatmul) -> None:
+    def __init__(self, linear: nn.Linear, blocks: BlockWeight, matmul: BlockMatmul, q8: bool = False) -> None:
         super().__init__()
         if (blocks.out_features, blocks.in_features) != (linear.out_features, linear.in_features):
             raise ValueError(f"blocks of shape {blocks.out_features}x{blocks.in_features} for a linear layer of "
@@ -130,7 +137,7 @@ class BlockLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.blocks, self.matmul = blocks, matmul
-        self.kernel_id = FORMATS[blocks.format][0]
+        self.kernel_id = FORMATS[blocks.format][0] + (Q8_ACTIVATIONS if q8 else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
         if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():
@@ -148,14 +155,14 @@ class FusedBlockLinear(nn.Module):
 
     @staticmethod
     def can_fuse(parts: list) -> bool:
-        """Whether these layers are BlockLinears of one block format, width and bias presence."""
+        """Whether these layers are BlockLinears of one kernel (format and numerics), width and bias presence."""
         return all(isinstance(part, BlockLinear) for part in parts) and \
-            len({(part.blocks.format, part.in_features, part.bias is None) for part in parts}) == 1
+            len({(part.kernel_id, part.in_features, part.bias is None) for part in parts}) == 1
 
     def __init__(self, parts: list[BlockLinear]) -> None:
         super().__init__()
         if not self.can_fuse(parts):
-            raise ValueError("only layers of one block format, width and bias presence can be fused")
+            raise ValueError("only layers of one kernel, width and bias presence can be fused")
         self.in_features = parts[0].in_features
         self.sizes = [p.out_features for p in parts]
         self.blocks, self.matmul, self.kernel_id = concat_rows([p.blocks for p in parts]), parts[0].matmul, \

@@ -12,8 +12,11 @@
           and runs engine/gguf_blocks.py's kernel (a fifth of the bytes per weight read, the same weights),
           q/k/v and gate/up fused into one call each; the layers not found in the file take "onednn" where it
           runs, else "plain".
+"q8"      "gguf" with each activation row quantized to 8 bits per block of 32 in the kernel and integer block
+          dot products (llama.cpp's numerics): lossy against float32, rows several times cheaper, still one fixed
+          summation order per row (docs/q8_activations.md).
 
-A path changes how the products are summed, never what is summed: outputs agree with the plain path to
+Apart from "q8", a path changes how the products are summed, never what is summed: outputs agree with the plain path to
 rounding. Exactness of greedy decoding holds within one path (the target's autoregressive reference and its
 tree verification run the same kernels); tests/test_linear_paths.py compares each path with the plain one.
 """
@@ -26,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.gguf_blocks import BlockLinear, BlockMatmul, BlockWeight, FusedBlockLinear
+from engine.gguf_blocks import NUMERICS, BlockLinear, BlockMatmul, BlockWeight, FusedBlockLinear
 
-LINEAR_PATHS = ("plain", "onednn", "gguf")
+LINEAR_PATHS = ("plain", "onednn", "gguf", "q8")
+GGUF_PATHS = ("gguf", "q8")  # the paths over a GGUF file's blocks (q8: 8-bit activations, lossy)
+EXACT_PATHS = ("plain", "onednn", "gguf")  # the float model's numbers, to summation order
 # projections that read the same input, fused on the gguf path: (parent's layers, the fused module's name), which
 # engine/model.py's decoder_stack uses when present
 FUSED_PROJECTIONS = ((("q_proj", "k_proj", "v_proj"), "qkv_fused"), (("gate_proj", "up_proj"), "gate_up_fused"))
@@ -44,6 +49,16 @@ class KernelPlan:
     @property
     def label(self) -> str:
         return f"{str(self.dtype).removeprefix('torch.')}/{self.linear_path}"
+
+    @property
+    def lossy(self) -> bool:
+        """Whether its numbers differ from the dtype's own model beyond summation order (8-bit activations)."""
+        return self.linear_path == "q8"
+
+    @property
+    def numerics(self) -> str:
+        """What its numbers are, for the printed kernels line and result files."""
+        return NUMERICS[True] if self.lossy else str(self.dtype).removeprefix("torch.")
 
 
 class OneDNNLinear(nn.Module):
@@ -73,7 +88,7 @@ def path_available(path: str, dtype: torch.dtype, device: torch.device | str) ->
     since oneDNN's bfloat16 support depends on the CPU (and on ONEDNN_MAX_CPU_ISA)."""
     if path == "plain":
         return True
-    if path == "gguf":  # whether the kernel was built here is the caller's to know (utils/native_kernels.py)
+    if path in GGUF_PATHS:  # whether the kernel was built here is the caller's to know (utils/native_kernels.py)
         return dtype == torch.float32 and torch.device(device).type == "cpu"
     if path != "onednn" or torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
@@ -101,14 +116,15 @@ def apply_linear_path(module: nn.Module, path: str,
     first = next(module.parameters())
     if not path_available(path, first.dtype, first.device):
         raise ValueError(f"linear path {path!r} cannot run {first.dtype} on {first.device} here")
-    if path == "gguf" and gguf is None:
-        raise ValueError("linear path 'gguf' needs the layers' GGUF blocks and the compiled kernel")
+    if path in GGUF_PATHS and gguf is None:
+        raise ValueError(f"linear path {path!r} needs the layers' GGUF blocks and the compiled kernel")
     found, matmul = gguf or ({}, None)
     packed = path == "onednn" or path_available("onednn", first.dtype, first.device)
     swaps = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
              if type(child) is nn.Linear and (child in found or packed)]
     for parent, name, child in swaps:
-        setattr(parent, name, BlockLinear(child, found[child], matmul) if child in found else OneDNNLinear(child))
+        setattr(parent, name, BlockLinear(child, found[child], matmul, q8=path == "q8") if child in found
+                else OneDNNLinear(child))
     for parent in list(module.modules()):
         for names, fused_name in FUSED_PROJECTIONS:
             parts = [getattr(parent, name, None) for name in names]

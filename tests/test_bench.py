@@ -58,7 +58,7 @@ def test_bench_end_to_end_greedy_matches_generate(subset_pair, tmp_path, capsys)
     for name, figures in summary["methods"].items():
         assert FIGURE_KEYS <= set(figures), name
         if figures.get("skipped"):
-            assert name == "dynamic_tree"
+            assert name in ("dynamic_tree", "llama_cpp", "llama_cpp_lookup")  # llama.cpp: not a GGUF target
             continue
         assert figures["matches_generate"] is True, name
         assert figures["exact_matches"] == 2, name
@@ -155,3 +155,52 @@ def test_figures_and_table():
     table = bench.format_table({"static_tree": {**figures, "matches_generate": True, "dtype": "float32"},
                                 "dynamic_tree": {"skipped": "not there yet"}})
     assert "static_tree" in table and "skipped: not there yet" in table and "yes" in table
+
+
+def test_rows_on_a_lossy_path_are_marked_with_their_numerics_and_baseline_match():
+    runs = {"baseline": [Run([1, 2], 1.0, 2)], "static_tree": [Run([1, 2], 0.5, 1)],
+            "dynamic_tree": [Run([1, 3], 0.5, 1)], "generate": [Run([1, 2], 1.0, 2)]}
+    figures = {name: {**bench.method_figures(r, runs["generate"]), "matches_generate": False, "dtype": "float32"}
+               for name, r in runs.items()}
+    bench.mark_numerics(figures, runs, {"lossy": False})
+    assert "numerics" not in figures["static_tree"]
+    bench.mark_numerics(figures, runs, {"lossy": True, "target_numerics": "8-bit activations, llama.cpp-style"})
+    assert figures["static_tree"]["matches_suite_baseline"] and not figures["dynamic_tree"]["matches_suite_baseline"]
+    assert "numerics" not in figures["generate"]
+    table = bench.format_table(figures)
+    assert table.count("LOSSY: 8-bit activations") == 3
+
+
+def test_llama_cpp_adapter_runs_greedy_on_the_gguf_file_and_is_skipped_without_it(tmp_path):
+    from types import SimpleNamespace
+
+    from utils.bench.llama_cpp import llama_cpp_runners
+
+    made = []
+
+    class FakeLlama:
+        def __init__(self, model_path, n_ctx, n_threads, n_threads_batch, draft_model, verbose):
+            made.append((model_path, n_threads, n_threads_batch, draft_model))
+
+        def generate(self, tokens, temp, top_k, **kwargs):
+            assert temp == 0.0 and top_k == 1 and kwargs["repeat_penalty"] == 1.0
+            yield from (len(tokens), 7, 9, 5)  # 9 is EOS
+
+    fake = SimpleNamespace(Llama=FakeLlama, llama_speculative=SimpleNamespace(
+        LlamaPromptLookupDecoding=lambda num_pred_tokens: ("lookup", num_pred_tokens)))
+    gguf = tmp_path / "t.gguf"
+    runners, skipped = llama_cpp_runners(["llama_cpp", "llama_cpp_lookup"], gguf, 2, 64, {9}, 10, module=fake)
+    assert not skipped and made == [(str(gguf), 2, 2, None), (str(gguf), 2, 2, ("lookup", 10))]
+    run = runners["llama_cpp"](SimpleNamespace(ids=[1, 2, 3]), 10)
+    assert run.output_ids == [3, 7, 9] and run.target_calls == 3
+    assert runners["llama_cpp_lookup"](SimpleNamespace(ids=[1]), 2).output_ids == [1, 7]
+    _, skipped = llama_cpp_runners(["llama_cpp"], None, 2, 64, {9}, 10, module=fake)
+    assert skipped == {"llama_cpp": "the target is not a GGUF file"}
+
+
+def test_llama_cpp_rows_compare_tokens_with_generate_and_the_suite():
+    runs = {"generate": [Run([1, 2, 3], 1.0, 3)], "baseline": [Run([1, 2, 4], 1.0, 3)],
+            "llama_cpp": [Run([1, 2, 4], 0.5, 3)]}
+    found = bench.llama_cpp_matches(runs, "llama_cpp", 1)
+    assert found["matches_generate"] is False and found["vs_generate"]["share_of_tokens_equal"] == 0.6667
+    assert found["vs_suite_baseline"] == {"identical_outputs": 1, "share_of_tokens_equal": 1.0}

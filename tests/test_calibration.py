@@ -129,6 +129,8 @@ def test_gguf_path_is_offered_only_for_a_gguf_target(tiny_model_dirs, monkeypatc
     assert "float32/plain" in labels and "float32/gguf" not in labels  # a folder of float32 weights
     with pytest.raises(UserError, match="--kernel gguf cannot run.*not a GGUF file"):
         _choose(tiny_model_dirs, kernel="gguf")
+    with pytest.raises(UserError, match="--kernel q8 cannot run.*not a GGUF file"):
+        _choose(tiny_model_dirs, kernel="q8")
     monkeypatch.setattr(C, "gguf_path_unavailable", lambda target: None)
     monkeypatch.setattr(C, "candidates", lambda device, target: PLANS + [KernelPlan(torch.float32, "gguf")])
     assert C._allowed(_args(tiny_model_dirs, kernel="gguf"), "cpu") == [KernelPlan(torch.float32, "gguf")]

@@ -55,6 +55,38 @@ def assert_speculative_equals_autoregressive_and_generate(pair, growmap, hf, pro
         assert spec.target_steps <= ar.target_steps
 
 
+def test_q8_path_tree_equals_its_autoregressive_output_and_llama_cpp_runs_the_same_file():
+    """The embedded target and draft on the q8 path (8-bit activations, lossy): static-tree greedy == the same
+    path's autoregressive greedy on three built-in prompts. Where llama_cpp is installed, its greedy decoding of the
+    same GGUF file runs through the bench adapter (its tokens are reported, not required equal: other numerics)."""
+    from engine.linear_paths import KernelPlan
+    from utils.bench.llama_cpp import llama_cpp_module, llama_cpp_runners
+    from utils.models import gguf_source
+    from utils.native_kernels import blocks_kernel
+
+    if blocks_kernel().layer is None:
+        pytest.skip(f"the native kernels cannot run here: {blocks_kernel().why}")
+    torch.set_num_threads(DEFAULT_THREADS)
+    try:
+        plan = KernelPlan(torch.float32, "q8")
+        pair = load_pair(None, None, True, torch.float32, "cpu", 512, plans=(plan, plan))
+        drafter = StaticTreeDrafter(pair.draft, load_growmap(DEFAULTS.growmap), Sampling(), sample_children=False)
+        prompts = load_prompts("builtin", pair.tokenizer, 0, 3, 64)
+        for prompt in prompts:
+            spec = speculative_generate(pair.target, drafter, prompt.ids, 24, pair.eos_ids, Sampling(), "greedy",
+                                        torch.Generator())
+            ar = autoregressive_generate(pair.target, prompt.ids, 24, pair.eos_ids, Sampling(), torch.Generator())
+            assert spec.output_ids == ar.output_ids and spec.target_steps <= ar.target_steps
+        if llama_cpp_module() is not None:
+            runners, skipped = llama_cpp_runners(["llama_cpp"], gguf_source(None), DEFAULT_THREADS, 256,
+                                                 pair.eos_ids, 10)
+            assert not skipped
+            run = runners["llama_cpp"](prompts[0], 8)
+            assert len(run.output_ids) == 8 and run.seconds > 0
+    finally:
+        torch.set_num_threads(UNIT_TEST_THREADS)
+
+
 def load_growmap_exists(path: str) -> bool:
     from pathlib import Path
 

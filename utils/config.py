@@ -88,4 +88,4 @@ class RunDefaults:
 DEFAULTS = RunDefaults()
 MODES = ("greedy", "baseline", "benchmark")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KERNELS = ("auto", "plain", "onednn", "gguf")  # engine/linear_paths.py LINEAR_PATHS, and auto
+KERNELS = ("auto", "plain", "onednn", "gguf", "q8")  # engine/linear_paths.py LINEAR_PATHS, and auto

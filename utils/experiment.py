@@ -14,7 +14,7 @@ from engine.decoder import (DecodeResult, Drafter, StepTimer, VerifierFn, autore
                             speculative_generate)
 from engine.drafters import DraftPrefix, teacher_forced_logits
 from engine.growmap import Growmap, load_growmap
-from engine.linear_paths import KernelPlan, apply_linear_path
+from engine.linear_paths import GGUF_PATHS, KernelPlan, apply_linear_path
 from engine.model import TreeModel
 from engine.prompt_lookup import with_prompt_lookup
 from engine.sampling import Sampling
@@ -97,13 +97,14 @@ def eos_ids_of(tokenizer, hf_model) -> set[int]:
 def use_linear_path(module: torch.nn.Module, path: str, target_spec: str | None, draft: bool = False) -> None:
     """`apply_linear_path`, with the target's GGUF blocks looked up for the "gguf" path (a draft's head may be
     the target's embedding; a draft's own layers are quantized to Q8_0 blocks there)."""
-    apply_linear_path(module, path, gguf_linears(target_spec, module, quantize_rest=draft) if path == "gguf" else None)
+    apply_linear_path(module, path, gguf_linears(target_spec, module, quantize_rest=draft, path=path)
+                      if path in GGUF_PATHS else None)
 
 
 def with_native_layers(model: TreeModel, path: str) -> TreeModel:
-    """On the "gguf" path, the model's decoder layers run as one native call each where they can
+    """On the "gguf" and "q8" paths, the model's decoder layers run as one native call each where they can
     (engine/native_layers.py); any other path, or layers it does not run, keep torch's ops."""
-    if path == "gguf":
+    if path in GGUF_PATHS:
         model.layer_step = native_layer_step(model.layers, model.num_heads, model.kv_heads, model.head_dim)
     return model
 

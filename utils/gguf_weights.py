@@ -168,14 +168,14 @@ def _blocks_of(path: Path) -> GgufBlocks:
 
 
 def gguf_path_unavailable(target_spec: str | None) -> str | None:
-    """Why the "gguf" linear path cannot run for this target here (None when it can)."""
+    """Why the "gguf" and "q8" linear paths cannot run for this target here (None when it can)."""
     if gguf_source(target_spec) is None:
         return "the target is not a GGUF file"
     return blocks_kernel().why or None
 
 
-def gguf_linears(target_spec: str | None, module: nn.Module,
-                 quantize_rest: bool = False) -> tuple[dict[nn.Linear, BlockWeight], BlockMatmul]:
+def gguf_linears(target_spec: str | None, module: nn.Module, quantize_rest: bool = False,
+                 path: str = "gguf") -> tuple[dict[nn.Linear, BlockWeight], BlockMatmul]:
     """For a target loaded from a GGUF file: the linears of `module` (the target, or its draft, whose head may be
     the target's embedding) found in the file, and the compiled kernel; what `apply_linear_path(module, "gguf",
     ...)` takes. With `quantize_rest` (a draft) every other float32 linear whose width is a multiple of 32 is
@@ -184,7 +184,7 @@ def gguf_linears(target_spec: str | None, module: nn.Module,
     here."""
     why = gguf_path_unavailable(target_spec)
     if why is not None:
-        raise UserError(f"--kernel gguf cannot run here: {why}; pass --kernel plain or onednn")
+        raise UserError(f"--kernel {path} cannot run here: {why}; pass --kernel plain or onednn")
     found = _blocks_of(gguf_source(target_spec)).linears_found(module)
     if quantize_rest:
         found.update({child: quantize_q8_0(child.weight) for child in module.modules()

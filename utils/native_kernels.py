@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from engine.gguf_blocks import BlockLinear, BlockMatmul, BlockWeight, FusedBlockLinear
+from engine.gguf_blocks import Q8_ACTIVATIONS, BlockLinear, BlockMatmul, BlockWeight, FusedBlockLinear
 from engine.kv_cache import KVCache
 from engine.native_layers import LayerStep
 from utils.models import cache_dir
@@ -29,6 +29,9 @@ ENGINE = Path(__file__).resolve().parent.parent / "engine"
 SOURCES = (ENGINE / "gguf_blocks.c", ENGINE / "llama_layer.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 NEEDED_ISA = ("avx2", "fma")
+# the 8-bit activation kernels' ISA builds (engine/gguf_blocks.c q8_matmul): name -> (kind bits, CPU flag needed)
+Q8_ISAS = {"avx2": (0, "avx2"), "avx512_vnni": (1 << 2, "avx512_vnni"), "avx_vnni": (2 << 2, "avx_vnni")}
+Q8_ISA_ENV = "TREESPEC_Q8_ISA"  # force one of Q8_ISAS (e.g. avx2 on a VNNI CPU, to compare their bits)
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,30 @@ class KernelBuild:
     matmul: BlockMatmul | None
     layer: ctypes._CFuncPtr | None = None
     why: str = ""
+
+
+@functools.cache
+def _cpuinfo_flags() -> frozenset[str]:
+    return frozenset(cpu_flags())
+
+
+def q8_isa(flags: set[str] | frozenset[str] | None = None) -> str:
+    """The ISA the 8-bit activation kernel runs here: $TREESPEC_Q8_ISA when set (refused when the CPU lacks it),
+    else VNNI where the CPU has it (avx512_vnni needs avx512vl too), else AVX2. Every choice gives the same bits."""
+    flags = _cpuinfo_flags() if flags is None else flags
+    forced = os.environ.get(Q8_ISA_ENV)
+    if forced:
+        if forced not in Q8_ISAS or Q8_ISAS[forced][1] not in flags:
+            raise ValueError(f"{Q8_ISA_ENV}={forced}: one of {', '.join(Q8_ISAS)} that this CPU has")
+        return forced
+    if "avx512_vnni" in flags and "avx512vl" in flags:
+        return "avx512_vnni"
+    return "avx_vnni" if "avx_vnni" in flags else "avx2"
+
+
+def kind_bits(kernel_id: int) -> int:
+    """engine/gguf_blocks.c's kind for a BlockLinear's kernel id: the 8-bit activation kernels get the ISA's bits."""
+    return kernel_id | Q8_ISAS[q8_isa()][0] if kernel_id & Q8_ACTIVATIONS else kernel_id
 
 
 def cpu_flags() -> set[str]:
@@ -86,7 +113,7 @@ def _bind(library: ctypes.CDLL) -> BlockMatmul:
 
     def matmul(kernel_id: int, x: torch.Tensor, weight: BlockWeight, out: torch.Tensor) -> None:
         # x [M, K] and out [M, N] float32 contiguous on the CPU (BlockLinear makes them so)
-        status = function(kernel_id, x.data_ptr(), x.shape[0], x.shape[1], weight.scales.data_ptr(),
+        status = function(kind_bits(kernel_id), x.data_ptr(), x.shape[0], x.shape[1], weight.scales.data_ptr(),
                           weight.mins.data_ptr(), weight.quants.data_ptr(), weight.out_features, out.data_ptr(),
                           torch.get_num_threads())
         if status == 2:
@@ -145,7 +172,8 @@ def _bind_layer(library: ctypes.CDLL) -> ctypes._CFuncPtr:
 def _matrix(linear: BlockLinear | FusedBlockLinear) -> _Matrix:
     bias = linear.bias.detach() if linear.bias is not None else None
     weight = linear.blocks
-    return _Matrix(linear.kernel_id, weight.scales.data_ptr(), weight.mins.data_ptr(), weight.quants.data_ptr(),
+    return _Matrix(kind_bits(linear.kernel_id), weight.scales.data_ptr(), weight.mins.data_ptr(),
+                   weight.quants.data_ptr(),
                    weight.out_features, weight.in_features, None if bias is None else bias.data_ptr())
 
 

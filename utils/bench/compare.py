@@ -21,7 +21,8 @@ import torch
 
 from engine.growmap import Growmap
 from engine.verifiers import VERIFIERS
-from utils.bench.methods import METHODS, PROMPT_LOOKUP_TOKENS, BenchSetup, DynamicShape, Run
+from utils.bench.llama_cpp import LLAMA_CPP_LABEL
+from utils.bench.methods import METHODS, PROMPT_LOOKUP_TOKENS, SUITE_METHODS, BenchSetup, DynamicShape, Run
 from utils.cli import (OneLineParser, add_cuda_graph_flag, add_data_flags, add_lookup_flags, add_model_flags,
                        finite_float, run_cli, validate_common)
 from utils.config import DEFAULTS
@@ -156,7 +157,7 @@ def collect_figures(methods: list[str], setup: BenchSetup, runs: dict[str, list[
     timed_dtype = setup.dtypes["generate"]
     references = {timed_dtype: runs["generate"]}
     if greedy:
-        for dtype in sorted(set(setup.dtypes.values()) - {timed_dtype}):
+        for dtype in sorted(set(setup.dtypes.values()) - {timed_dtype, LLAMA_CPP_LABEL}):
             runner = setup.references[dtype][0]
             references[dtype] = [runner(prompt, max_new_tokens) for prompt in prompts]
     figures: dict[str, dict] = {}
@@ -166,6 +167,10 @@ def collect_figures(methods: list[str], setup: BenchSetup, runs: dict[str, list[
             figures[name] = {"skipped": setup.skipped[name], **dict.fromkeys(FIGURE_KEYS)}
             continue
         dtype = setup.dtypes[name]
+        if dtype == LLAMA_CPP_LABEL:  # another engine: its tokens compared with generate's and the suite's
+            figures[name] = {**method_figures(runs[name], runs["generate"]), "dtype": dtype,
+                             **llama_cpp_matches(runs, name, len(prompts))}
+            continue
         found = []
         if greedy:
             model = setup.references[dtype][1]
@@ -179,6 +184,37 @@ def collect_figures(methods: list[str], setup: BenchSetup, runs: dict[str, list[
                          "matched_against": (f"generate in {dtype}" + ("" if dtype == timed_dtype else
                                                                        " (untimed reference run)")) if greedy else None}
     return figures, divergences
+
+
+def llama_cpp_matches(runs: dict[str, list[Run]], name: str, count: int) -> dict:
+    """Whether a llama.cpp method's greedy tokens equal generate's (float32 or --hf-dtype) and the suite baseline's
+    (the suite's path: q8 or float32), as counts of identical outputs and the share of equal tokens."""
+    def compare(other: str) -> dict | None:
+        if other not in runs:
+            return None
+        pairs = list(zip(runs[name], runs[other]))
+        equal = sum(a == b for x, y in pairs for a, b in zip(x.output_ids, y.output_ids))
+        return {"identical_outputs": sum(x.output_ids == y.output_ids for x, y in pairs),
+                "share_of_tokens_equal": round(equal / max(sum(len(y.output_ids) for _, y in pairs), 1), 4)}
+
+    vs_generate = compare("generate")
+    return {"matches_generate": vs_generate["identical_outputs"] == count if vs_generate else None,
+            "exact_matches": vs_generate["identical_outputs"] if vs_generate else None,
+            "matched_against": "generate, token by token", "vs_generate": vs_generate,
+            "vs_suite_baseline": compare("baseline")}
+
+
+def mark_numerics(figures: dict[str, dict], runs: dict[str, list[Run]], kernels: dict) -> None:
+    """The suite's rows of a run on a lossy path (8-bit activations) say so, and whether their outputs equal the
+    suite baseline's on that path (the exactness that holds there; 'matches' compares with float32 generate)."""
+    if not kernels.get("lossy"):
+        return
+    for name in SUITE_METHODS:
+        if name in figures and not figures[name].get("skipped"):
+            figures[name]["numerics"] = kernels["target_numerics"]
+            if "baseline" in runs:
+                figures[name]["matches_suite_baseline"] = all(
+                    a.output_ids == b.output_ids for a, b in zip(runs[name], runs["baseline"]))
 
 
 def _fmt(value: float | None, pattern: str) -> str:
@@ -201,7 +237,12 @@ def format_table(methods: dict[str, dict]) -> str:
         match = {None: "-", True: "yes", False: "NO"}[fig["matches_generate"]]
         lines.append(f"{name:<14}{fig['tokens_per_second']:>9.2f}{tps_range:>17}"
                      f"{fig['ms_per_token']:>9.2f}{fig['mean_accepted_tokens']:>10.2f}"
-                     f"{_fmt(fig['speedup_vs_generate'], '.2f'):>9}{speed_range:>15}{match:>9}  {fig['dtype']}")
+                     f"{_fmt(fig['speedup_vs_generate'], '.2f'):>9}{speed_range:>15}{match:>9}  {fig['dtype']}"
+                     + (f" LOSSY: {fig['numerics']}; outputs = suite baseline's: "
+                        f"{'yes' if fig.get('matches_suite_baseline') else 'NO'}" if fig.get("numerics") else "")
+                     + (f" (outputs = suite baseline's: {fig['vs_suite_baseline']['identical_outputs']}, tokens "
+                        f"equal {fig['vs_suite_baseline']['share_of_tokens_equal']:.0%})"
+                        if fig.get("vs_suite_baseline") else ""))
     return "\n".join(lines)
 
 
@@ -368,6 +409,7 @@ def main(argv: list[str] | None = None, plan_run: Callable = fixed_plan, add_fla
             return header
         runs = {name: [Run(**row["outputs"][name]) for row in rows] for name in setup.runners}
         figures, divergences = collect_figures(methods, setup, runs, prompts, sampling.greedy, args.max_new_tokens)
+        mark_numerics(figures, runs, kernels.record)
         return {**header, "divergences": [asdict(d) for d in divergences], "methods": figures}
 
     def work(mine: list[Prompt], append) -> None:

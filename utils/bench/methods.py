@@ -36,7 +36,7 @@ from utils.report import wall_clock
 
 HF_METHODS = ("generate", "assisted", "prompt_lookup")
 SUITE_METHODS = ("baseline", "static_tree", "dynamic_tree")
-METHODS = HF_METHODS + SUITE_METHODS
+METHODS = HF_METHODS + SUITE_METHODS + ("llama_cpp", "llama_cpp_lookup")  # utils/bench/llama_cpp.py
 HF_DTYPES = ("float32", "bfloat16")
 PROMPT_LOOKUP_TOKENS = 10
 
@@ -352,7 +352,18 @@ def prepare_methods(methods: list[str], pair: ModelPair, growmap: Growmap, sampl
         runner = suite_runner(pair, drafters[name], sampling, verifier, seed)
         warm_up(runner, warm_prompt, max_new_tokens)
         setup.runners[name], setup.dtypes[name] = runner, suite_dtype
-    for dtype_name in set(setup.dtypes.values()) - set(setup.references):
+    from utils.bench.llama_cpp import LLAMA_CPP_LABEL, llama_cpp_runners
+    from utils.models import gguf_source
+
+    runners, skipped = llama_cpp_runners(methods, gguf_source(pair.target_name), torch.get_num_threads(),
+                                         max_new_tokens + 512, pair.eos_ids, lookup_tokens)
+    setup.skipped.update(skipped)
+    for name, runner in runners.items():
+        warm_up(runner, warm_prompt, max_new_tokens)
+        setup.runners[name], setup.dtypes[name] = runner, LLAMA_CPP_LABEL
+        setup.notes.append(f"{name}: llama.cpp on {gguf_source(pair.target_name).name}, {torch.get_num_threads()} "
+                           "threads, greedy (its own numerics: 8-bit activations; outputs compared token by token)")
+    for dtype_name in set(setup.dtypes.values()) - set(setup.references) - {LLAMA_CPP_LABEL}:
         target = copies.get(pair.target.hf_model, getattr(torch, dtype_name))
         setup.references[dtype_name] = (hf_runner(target, sampling, pair.eos_ids, seed), target)
     return setup

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from engine.growmap import Growmap
-from engine.linear_paths import LINEAR_PATHS, KernelPlan
+from engine.linear_paths import EXACT_PATHS, GGUF_PATHS, KernelPlan
 from utils.calibration.cache import (BUSY_LOAD, machine_key, machine_load, model_fingerprint, profile_path,
                                      read_profile, write_profile)
 from utils.calibration.measure import CALIBRATION_ROWS, candidates, measure_pair
@@ -25,8 +25,8 @@ CATCH_UP_ROWS = 3  # tokens a draft runs again after each step (about the accept
 def add_calibration_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", default=DEFAULTS.kernel, choices=KERNELS,
                         help="linear-layer kernels: plain torch, onednn (weights packed once), gguf (float32 "
-                             "products over a GGUF target's own quantized blocks, AVX2 CPUs), or auto = the "
-                             "fastest measured on this machine (with --dtype auto, per model)")
+                             "products over a GGUF target's own quantized blocks, AVX2 CPUs), q8 (the same blocks "
+                             "with 8-bit activations, llama.cpp's numerics: lossy), or auto = the fastest exact path measured on this machine (with --dtype auto, per model)")
     parser.add_argument("--recalibrate", action="store_true",
                         help="measure this machine's dtype/kernel profile again (otherwise measured once and cached)")
 
@@ -59,11 +59,11 @@ def step_costs(entry: dict, step_rows: list[int], allowed: list[str]) -> dict[st
 
 def _allowed(args: argparse.Namespace, device: str) -> list[KernelPlan]:
     dtypes = None if args.dtype == "auto" else [getattr(torch, args.dtype)]
-    paths = LINEAR_PATHS if args.kernel == "auto" else (args.kernel,)
+    paths = EXACT_PATHS if args.kernel == "auto" else (args.kernel,)  # a lossy path only when asked for
     plans = [plan for plan in candidates(device, args.target)
              if (dtypes is None or plan.dtype in dtypes) and plan.linear_path in paths]
     if not plans:
-        why = (gguf_path_unavailable(args.target) or "it runs float32 only") if args.kernel == "gguf" else \
+        why = (gguf_path_unavailable(args.target) or "it runs float32 only") if args.kernel in GGUF_PATHS else \
             "oneDNN bfloat16 needs AVX512-BF16, AMX or AVX-NE-CONVERT"
         raise UserError(f"--kernel {args.kernel} cannot run --dtype {args.dtype} on this machine ({why}): "
                         f"pass --kernel plain")
@@ -141,8 +141,9 @@ def pick_kernels(profile: Profile, target_rows: list[int], draft_rows: list[int]
     static tree was chosen, `pick_growmap`) joins the printed line and the record."""
     if not profile.calibrated:
         plan = profile.allowed[0]
-        record = {"target": plan.label, "draft": plan.label, **profile.record}
-        return KernelChoice(plan, plan, f"kernels: {plan.label} for both models ({profile.record['why']})", record)
+        record = {"target": plan.label, "draft": plan.label, **profile.record, **numerics_record(plan, plan)}
+        return KernelChoice(plan, plan, f"kernels: {plan.label} for both models ({profile.record['why']})"
+                            f"{numerics_note(plan, plan)}", record)
     labels = [plan.label for plan in profile.allowed]
     chosen, record = {}, dict(profile.record)
     for role, entry, rows in (("target", profile.target, target_rows), ("draft", profile.draft, draft_rows)):
@@ -163,8 +164,20 @@ def pick_kernels(profile: Profile, target_rows: list[int], draft_rows: list[int]
         parts.append(f"tree searched for them: {tree['size']} nodes, depth {tree['depth']} "
                      f"({tree['predicted_tokens_per_step']:.2f} tokens/step predicted without lookup)")
         record["tree"] = tree
-    line = f"kernels: {', '.join(parts)}; calibration {record['cache']} ({Path(record['profile']).name})"
-    return KernelChoice(target, draft, line, record)
+    line = f"kernels: {', '.join(parts)}; calibration {record['cache']} ({Path(record['profile']).name})" \
+        f"{numerics_note(target, draft)}"
+    return KernelChoice(target, draft, line, record | numerics_record(target, draft))
+
+
+def numerics_record(target: KernelPlan, draft: KernelPlan) -> dict:
+    """What each model's numbers are, for the result JSON (`lossy`: not the float model's greedy output)."""
+    return {"target_numerics": target.numerics, "draft_numerics": draft.numerics, "lossy": target.lossy}
+
+
+def numerics_note(target: KernelPlan, draft: KernelPlan) -> str:
+    """Said on the kernels line whenever a model runs with other numbers than its float weights give."""
+    lossy = [f"{role} {plan.numerics}" for role, plan in (("target", target), ("draft", draft)) if plan.lossy]
+    return f"; numerics: {', '.join(lossy)}" if lossy else ""
 
 
 def choose_kernels(args: argparse.Namespace, target_rows: list[int], draft_rows: list[int],

@@ -6,7 +6,7 @@ import time
 import torch
 
 from engine.drafters import append_tokens
-from engine.linear_paths import LINEAR_PATHS, KernelPlan, path_available
+from engine.linear_paths import GGUF_PATHS, LINEAR_PATHS, KernelPlan, path_available
 from engine.tree_mask import ancestor_mask_from_parents, tree_attention_mask
 from utils.gguf_weights import gguf_path_unavailable
 
@@ -17,11 +17,11 @@ REPEATS = 3
 
 
 def candidates(device: str, target: str | None) -> list[KernelPlan]:
-    """Every dtype/kernel path this machine can run on `device` for `target` ("gguf" needs a GGUF target and
-    the compiled kernel)."""
+    """Every dtype/kernel path this machine can run on `device` for `target` ("gguf" and "q8" need a GGUF
+    target and the compiled kernel)."""
     gguf = gguf_path_unavailable(target) is None
     return [KernelPlan(dtype, path) for dtype in CALIBRATION_DTYPES for path in LINEAR_PATHS
-            if path_available(path, dtype, device) and (path != "gguf" or gguf)]
+            if path_available(path, dtype, device) and (path not in GGUF_PATHS or gguf)]
 
 
 def chain_inputs(rows: int, prefix: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
