@@ -24,6 +24,20 @@ VOCAB = 128
 FORMATS = ["Q4_1", "Q8_0"]
 
 
+
+def small_tree(prefix: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(depths, token ids, mask) of a 5-node tree 0 -> {1, 2}, 1 -> 3, 2 -> 4 after `prefix` committed slots: each
+    row sees the prefix, itself and its ancestors."""
+    parents, depth = [-1, 0, 0, 1, 2], [0, 1, 1, 2, 2]
+    tree_mask = torch.zeros(5, prefix + 5, dtype=torch.bool)
+    tree_mask[:, :prefix] = True
+    for i in range(5):
+        j = i
+        while j >= 0:
+            tree_mask[i, prefix + j] = True
+            j = parents[j]
+    return depth, torch.tensor(random_prompt(5, VOCAB, seed=7)), tree_mask
+
 def quantized(rows: int, width: int, fmt: str, seed: int = 0) -> tuple[torch.Tensor, BlockWeight]:
     """(gguf-py's dequantized float32 [rows, width], the same tensor as BlockWeight) of random weights."""
     values = np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
@@ -191,15 +205,7 @@ def test_native_tree_rows_equal_one_token_steps_bit_for_bit_and_greedy_is_exact(
         native.forward(prompt, torch.arange(10), torch.arange(10), prefix_mask)
 
     # tree after the prompt: 0 -> {1, 2}, 1 -> 3, 2 -> 4; stale garbage in slots between keys must not matter
-    parents, depth = [-1, 0, 0, 1, 2], [0, 1, 1, 2, 2]
-    nodes = torch.tensor(random_prompt(5, VOCAB, seed=7))
-    tree_mask = torch.zeros(5, 15, dtype=torch.bool)
-    tree_mask[:, :10] = True
-    for i in range(5):
-        j = i
-        while j >= 0:
-            tree_mask[i, 10 + j] = True
-            j = parents[j]
+    depth, nodes, tree_mask = small_tree(prefix=10)
     prefill()
     tree = native.forward(nodes, torch.tensor(depth) + 10, torch.arange(10, 15), tree_mask)
     for path in ([0, 1, 3], [0, 2, 4]):

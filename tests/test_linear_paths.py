@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from engine.linear_paths import LINEAR_PATHS, OneDNNLinear, apply_linear_path, path_available, plain_copy
+from engine.linear_paths import GGUF_PATHS, LINEAR_PATHS, OneDNNLinear, apply_linear_path, path_available, plain_copy
 from tests.tiny_models import assert_tree_greedy_equals_autoregressive, random_prompt, tiny_llama, tree_model
 
 VOCAB = 128
-OPTIONAL = [path for path in LINEAR_PATHS if path not in ("plain", "gguf")]  # gguf: tests/test_gguf_blocks.py
+# the GGUF block paths need a GGUF file: tests/test_gguf_blocks.py, tests/test_q8_activations.py
+OPTIONAL = [path for path in LINEAR_PATHS if path != "plain" and path not in GGUF_PATHS]
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from engine.gguf_blocks import BLOCK, BlockLinear, BlockWeight
 from engine.linear_paths import apply_linear_path
-from tests.test_gguf_blocks import FORMATS, VOCAB, kernel, quantize_linears, quantized
+from tests.test_gguf_blocks import FORMATS, VOCAB, kernel, quantize_linears, quantized, small_tree
 from tests.tiny_models import assert_tree_greedy_equals_autoregressive, random_prompt, tiny_llama, tree_model
 from utils import native_kernels
 
@@ -107,15 +107,7 @@ def test_q8_tree_rows_and_cache_equal_one_token_steps_and_greedy_is_exact(fmt):
     prompt = torch.tensor(random_prompt(10, VOCAB, seed=6))
     prefill = lambda: native.forward(prompt, torch.arange(10), torch.arange(10),  # noqa: E731
                                      torch.ones(10, 10, dtype=torch.bool).tril())
-    parents, depth = [-1, 0, 0, 1, 2], [0, 1, 1, 2, 2]
-    nodes = torch.tensor(random_prompt(5, VOCAB, seed=7))
-    tree_mask = torch.zeros(5, 15, dtype=torch.bool)
-    tree_mask[:, :10] = True
-    for i in range(5):
-        j = i
-        while j >= 0:
-            tree_mask[i, 10 + j] = True
-            j = parents[j]
+    depth, nodes, tree_mask = small_tree(prefix=10)
     prefill()
     tree = native.forward(nodes, torch.tensor(depth) + 10, torch.arange(10, 15), tree_mask)
     tree_keys = native.cache.keys[:, :, 10:15].clone()
