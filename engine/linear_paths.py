@@ -13,11 +13,11 @@
           q/k/v and gate/up fused into one call each; the layers not found in the file take "onednn" where it
           runs, else "plain".
 "q8"      "gguf" with each activation row quantized to 8 bits per block of 32 in the kernel and integer block
-          dot products (llama.cpp's numerics): lossy against float32, rows several times cheaper, still one fixed
-          summation order per row (docs/q8_activations.md).
+          dot products (llama.cpp's numerics): lossy against float32, still one fixed summation order per row; not
+          yet cheaper per row than "gguf" on the CPUs measured (docs/q8_activations.md).
 
-Apart from "q8", a path changes how the products are summed, never what is summed: outputs agree with the plain path to
-rounding. Exactness of greedy decoding holds within one path (the target's autoregressive reference and its
+Apart from "q8", a path changes how the products are summed, never what is summed: outputs agree with the plain
+path to rounding. Exactness of greedy decoding holds within one path (the target's autoregressive reference and its
 tree verification run the same kernels); tests/test_linear_paths.py compares each path with the plain one.
 """
 from __future__ import annotations

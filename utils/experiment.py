@@ -350,14 +350,17 @@ def summarize(results: list[DecodeResult]) -> dict:
     }
 
 
-def mean_log_likelihood(target: TreeModel, prompt_ids: list[int], output_ids: list[int]) -> float:
-    """The target's mean log-probability per token of `output_ids` after `prompt_ids`, in one forward."""
-    if not output_ids:
-        return 0.0
+def token_log_likelihoods(target: TreeModel, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    """[len(output_ids)] the target's log-probability of each of `output_ids` after `prompt_ids`, in one forward."""
     ids = torch.tensor(prompt_ids + output_ids, device=target.device)
     rows = torch.arange(len(prompt_ids) - 1, ids.shape[0] - 1, device=target.device)
     logprobs = teacher_forced_logits(target, ids, rows).float().log_softmax(dim=-1)  # [len(output), V]
-    return float(logprobs.gather(1, ids[len(prompt_ids):, None]).mean())
+    return logprobs.gather(1, ids[len(prompt_ids):, None])[:, 0]
+
+
+def mean_log_likelihood(target: TreeModel, prompt_ids: list[int], output_ids: list[int]) -> float:
+    """The target's mean log-probability per token of `output_ids` after `prompt_ids`, in one forward."""
+    return float(token_log_likelihoods(target, prompt_ids, output_ids).mean()) if output_ids else 0.0
 
 
 def quality_row(target: TreeModel, prompt_ids: list[int], output_ids: list[int], reference_ids: list[int]) -> dict:

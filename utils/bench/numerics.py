@@ -23,16 +23,7 @@ from engine.linear_paths import KernelPlan
 from engine.model import TreeModel
 from engine.sampling import Sampling
 from utils.data import BUILTIN_NAME, load_prompts, load_texts
-
-
-def token_log_probs(model: TreeModel, ids: list[int], start: int) -> torch.Tensor:
-    """log p(ids[i] | ids[:i]) under `model` for i >= start, one causal forward from an empty cache."""
-    tokens = torch.tensor(ids)
-    positions = torch.arange(len(ids))
-    mask = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
-    logits = model.forward(tokens, positions, positions, mask).float()
-    log_probs = torch.log_softmax(logits[start - 1:-1], dim=-1)
-    return log_probs.gather(1, tokens[start:, None])[:, 0]
+from utils.experiment import mean_log_likelihood, token_log_likelihoods
 
 
 def compare_outputs(reference: list[int], other: list[int]) -> tuple[int, int]:
@@ -54,8 +45,8 @@ def measure(models: dict[str, TreeModel], prompts: list[list[int]], heldout: lis
         identical += outputs["float32"] == outputs["q8"]
         for name, out in outputs.items():
             if out:
-                loglik[name].append(token_log_probs(models["float32"], ids + out, len(ids)))
-    nll = {name: [-float(token_log_probs(model, ids, 1).mean()) for ids in heldout] for name, model in models.items()}
+                loglik[name].append(token_log_likelihoods(models["float32"], ids, out))
+    nll = {name: [-mean_log_likelihood(model, ids[:1], ids[1:]) for ids in heldout] for name, model in models.items()}
     return {"prompts": len(prompts), "max_new_tokens": max_new,
             "share_of_tokens_equal_to_float32": round(equal / max(total, 1), 4),
             "identical_outputs": identical,

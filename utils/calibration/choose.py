@@ -26,7 +26,8 @@ def add_calibration_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel", default=DEFAULTS.kernel, choices=KERNELS,
                         help="linear-layer kernels: plain torch, onednn (weights packed once), gguf (float32 "
                              "products over a GGUF target's own quantized blocks, AVX2 CPUs), q8 (the same blocks "
-                             "with 8-bit activations, llama.cpp's numerics: lossy), or auto = the fastest exact path measured on this machine (with --dtype auto, per model)")
+                             "with 8-bit activations, llama.cpp's numerics: lossy), or auto = the fastest exact path "
+                             "measured on this machine (with --dtype auto, per model)")
     parser.add_argument("--recalibrate", action="store_true",
                         help="measure this machine's dtype/kernel profile again (otherwise measured once and cached)")
 
