@@ -63,7 +63,8 @@ def parser() -> OneLineParser:
     add_dynamic_tree_flags(parser)
     parser.add_argument("--growmap", default=DEFAULTS.growmap,
                         help="static tree shape (.pt growmap); with --dynamic it only sets the default --B and --D")
-    parser.add_argument("--offloading", action="store_true", help=f"accepted for the original's commands: {NOT_OFFLOADED}")
+    parser.add_argument("--offloading", action="store_true",
+                        help=f"accepted for the original's commands: {NOT_OFFLOADED}")
     return parser
 
 
