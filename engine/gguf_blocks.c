@@ -3,7 +3,7 @@
 // as gguf-py dequantizes). Every output is summed in one order, whatever M is: lane l of an 8-wide accumulator
 // takes k = l, l + 8, ... in turn, then the lanes are added in a fixed tree; engine/gguf_blocks.py says why.
 // Kinds 2 and 3 are the same formats with the activations quantized to 8 bits (llama.cpp's numerics, lossy):
-// q8_matmul below; bit 4 of the kind picks its VNNI build.
+// q8_matmul below; bits 2-3 of the kind pick its ISA build, bit 4 says the blocks are pre-packed for it.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -46,12 +46,10 @@ static inline float hsum(__m256 v) {
 // ---- 8-bit activations (kinds 2, 3) ----
 // Each input row is quantized per block of 32 as llama.cpp's Q8_1 (Q8_0 for Q8_0 weights): d = max|x| / 127,
 // q = round(x * 127 / max|x|) half to even, s = d * sum(q), with d and s kept in float32 (llama.cpp rounds them to
-// float16). Then per block the integer dot product sum(qw * qx) is exact whatever the instructions: vpmaddubsw +
-// vpmaddwd (AVX2; no saturation: |a pair's products| <= 2 * 15 * 127 for Q4_1, 2 * 128 * 127 for Q8_0 with the
-// sign trick) or vpdpbusd (VNNI) give 8 int32 lanes of partial sums; the block sum is reduced in integers
-// (exact, so the ISA cannot matter), converted to float and accumulated as
+// float16). Then per block the integer dot product sum(qw * qx) is exact whatever the instructions (vpmaddubsw +
+// vpmaddwd on AVX2, vpdpbusd on VNNI; bounds below), converted to float and accumulated as
 // acc = (d_w * d_x) * sum + acc block after block, then for Q4_1 plus sum_b min_b * s_b accumulated in block
-// order: one order per output, whatever M or the ISA.
+// order: one order per output, whatever M, the tiling or the ISA, so a row's result depends on that row alone.
 
 // x [K] -> q [K] int8, d [K / 32], s [K / 32]
 static void quantize_row_q8(const float *x, long nb, int8_t *q, float *d, float *s) {
@@ -83,143 +81,330 @@ static void quantize_row_q8(const float *x, long nb, int8_t *q, float *d, float 
     }
 }
 
-// weight row -> 32 bytes per block in element order: Q4_1 nibbles as u8 0..15; Q8_0 as |q| (u8) and its sign
-// kept beside it (applied to the activations: vpmaddubsw and vpdpbusd take one unsigned operand)
-static void unpack_row(int q8_0, const uint8_t *qs, long nb, uint8_t *u, int8_t *sign) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    for (long b = 0; b < nb; b++) {
-        if (!q8_0) {
-            __m128i bytes = _mm_loadu_si128((const __m128i *)(qs + 16 * b));
-            _mm_storeu_si128((__m128i *)(u + 32 * b), _mm_and_si128(bytes, mask));
-            _mm_storeu_si128((__m128i *)(u + 32 * b + 16), _mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
-        } else {
-            __m256i w = _mm256_loadu_si256((const __m256i *)(qs + 32 * b));
-            _mm256_storeu_si256((__m256i *)(u + 32 * b), _mm256_abs_epi8(w));
-            _mm256_storeu_si256((__m256i *)(sign + 32 * b), w);
+// A column group: 16 weight rows (output columns) unpacked once per call into two halves of 8, vectors whose lane
+// c is column n0 + 8 h + c and holds 4 consecutive weights ("quad" j: k = 4j .. 4j + 3 of a block) as bytes;
+// every input row then broadcasts its own 4 quantized activations of a quad to all lanes, so one broadcast and
+// two integer multiply-adds serve 16 outputs, and a block's sum for each column ends up in its own lane: no
+// horizontal reduction per block.
+#define LANES 8  // columns per vector
+#define COLS 16  // columns per group: two vectors share each broadcast activation quad
+
+// 8 rows' 16 bytes (a block's Q4_1 nibbles, or half a Q8_0 block) -> out[j], lane c = dword j of row c
+static inline void transpose_dwords(const uint8_t *const *row, int offset, __m256i out[4]) {
+    __m256i r[4];
+    for (int c = 0; c < 4; c++)
+        r[c] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(row[c] + offset))),
+                                       _mm_loadu_si128((const __m128i *)(row[c + 4] + offset)), 1);
+    const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    out[0] = _mm256_unpacklo_epi64(t0, t2);
+    out[1] = _mm256_unpackhi_epi64(t0, t2);
+    out[2] = _mm256_unpacklo_epi64(t1, t3);
+    out[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+// lane c: the sum of column c's signed weights over one block (quad vectors every `stride`), exact in int32
+static inline __attribute__((always_inline)) __m256i block_sums(const __m256i *quad, int stride) {
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    __m256i total = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j++)
+        total = _mm256_add_epi32(total, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, quad[j * stride]), ones16));
+    return total;
+}
+
+// one block of 8 weight rows (row[c]: column c's block, zeros for a missing column) -> u[j] the quad-j vector as
+// unsigned bytes (Q4_1 nibbles 0..15; Q8_0 |q|), sign[j] (Q8_0: the signed q, whose signs go onto the
+// activations, since vpmaddubsw and 256-bit vpdpbusd take one unsigned operand), *wsum (Q8_0: per column the
+// block's sum of q, for the 512-bit build, which biases the activations to unsigned instead: AVX-512 has no
+// vpsignb)
+static inline __attribute__((always_inline)) void unpack_block(int q8_0, const uint8_t *const *row, __m256i *u,
+                                                               __m256i *sign, __m256i *wsum) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256i quad[8];
+    transpose_dwords(row, 0, quad);
+    if (q8_0) {
+        transpose_dwords(row, 16, quad + 4);
+        for (int j = 0; j < 8; j++) {
+            u[j] = _mm256_abs_epi8(quad[j]);
+            sign[j] = quad[j];
+        }
+        *wsum = block_sums(quad, 1);
+    } else {  // byte j of a Q4_1 block holds q_j (low nibble) and q_{j+16} (high): quads j and j + 4
+        for (int j = 0; j < 4; j++) {
+            u[j] = _mm256_and_si256(quad[j], mask);
+            u[j + 4] = _mm256_and_si256(_mm256_srli_epi16(quad[j], 4), mask);
         }
     }
 }
 
-static inline __attribute__((always_inline)) __m256i dot_avx2(__m256i u, __m256i s) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-}
-__attribute__((target("avx512vnni,avx512vl"))) static inline __m256i dot_vnni512(__m256i u, __m256i s) {
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-}
-__attribute__((target("avxvnni"))) static inline __m256i dot_avxvnni(__m256i u, __m256i s) {
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+// weight rows n0 .. n0 + cols - 1 (cols <= 16) -> per block b, quad j and half h: u/sign[16 b + 2 j + h] as
+// unpack_block makes them (the two halves side by side: one 512-bit vector), wsum[2 b + h], ws/wm[16 b + c] column c's scale and min (zeros for missing columns)
+static void unpack_group(int q8_0, const uint8_t *qs, const float *scales, const float *mins, long nb, long n0,
+                         long cols, const uint8_t *zeros, __m256i *u, __m256i *sign, __m256i *wsum, float *ws,
+                         float *wm) {
+    const long qbytes = q8_0 ? 32 : 16;
+    for (long b = 0; b < nb; b++) {
+        const uint8_t *at[COLS];
+        for (int c = 0; c < COLS; c++) {
+            const uint8_t *row = qs + ((n0 + c) * nb + b) * qbytes;
+            at[c] = c < cols ? row : zeros;
+            ws[COLS * b + c] = c < cols ? scales[(n0 + c) * nb + b] : 0.0f;
+            wm[COLS * b + c] = c < cols && !q8_0 ? mins[(n0 + c) * nb + b] : 0.0f;
+            // the group after next, same block: sixteen strided streams defeat the hardware prefetcher
+            _mm_prefetch((const char *)(row + 2 * COLS * nb * qbytes), _MM_HINT_T0);
+        }
+        for (int h = 0; h < 2; h++) {
+            __m256i hu[8], hs[8];
+            unpack_block(q8_0, at + LANES * h, hu, hs, wsum + 2 * b + h);
+            for (int j = 0; j < 8; j++) {
+                u[16 * b + 2 * j + h] = hu[j];
+                sign[16 * b + 2 * j + h] = hs[j];
+            }
+        }
+    }
 }
 
-// one weight-row group (ROWS = 4 unpacked rows u/sign, their scales ws and mins wm [nb][4], zero past `rows`)
-// against every quantized input row, two at a time (a zero row pads an odd M): the 8 (input, weight) pairs' block
-// sums are reduced in integers into one vector (lane t * 4 + r), so each lane is one output and gets
-// acc = d_w * d_x * sum + acc, block after block, then + (sum_b min_b * s_b accumulated alike): the same
-// operations for an output whatever shares its vector
-#define Q8_GROUP(NAME, TARGET, DOT)                                                                              \
-__attribute__((target(TARGET))) static void NAME(int q8_0, const int8_t *xq, const float *xd4, const float *xs4, \
-        long M, long nb, const float *ws, const float *wm, const uint8_t *u, const int8_t *sign, long n0,        \
-        long rows, long N, float *y) {                                                                           \
-    const long K = 32 * nb;                                                                                      \
-    for (long i = 0; i < M; i += 2) {                                                                            \
-        __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();                                            \
-        for (long b = 0; b < nb; b++) {                                                                          \
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + i * K + 32 * b));                       \
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + (i + 1) * K + 32 * b));                 \
-            __m256i d[8];                                                                                        \
-            for (int r = 0; r < ROWS; r++) {                                                                     \
-                const __m256i uv = _mm256_loadu_si256((const __m256i *)(u + r * K + 32 * b));                    \
-                __m256i s0 = x0, s1 = x1;                                                                        \
-                if (q8_0) {                                                                                      \
-                    const __m256i sv = _mm256_loadu_si256((const __m256i *)(sign + r * K + 32 * b));             \
-                    s0 = _mm256_sign_epi8(x0, sv);                                                               \
-                    s1 = _mm256_sign_epi8(x1, sv);                                                               \
-                }                                                                                                \
-                d[r] = DOT(uv, s0);                                                                              \
-                d[4 + r] = DOT(uv, s1);                                                                          \
-            }                                                                                                    \
-            const __m256i g0 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3])); \
-            const __m256i g1 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7])); \
-            const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20),                       \
-                                                  _mm256_permute2x128_si256(g0, g1, 0x31));                      \
-            const __m256 wsv = _mm256_broadcast_ps((const __m128 *)(ws + 4 * b));                                \
-            const __m256 xdv = _mm256_loadu2_m128(xd4 + ((i + 1) * nb + b) * 4, xd4 + (i * nb + b) * 4);         \
-            acc = _mm256_fmadd_ps(_mm256_mul_ps(wsv, xdv), _mm256_cvtepi32_ps(sums), acc);                       \
-            if (!q8_0) {                                                                                         \
-                const __m256 wmv = _mm256_broadcast_ps((const __m128 *)(wm + 4 * b));                            \
-                const __m256 xsv = _mm256_loadu2_m128(xs4 + ((i + 1) * nb + b) * 4, xs4 + (i * nb + b) * 4);     \
-                accm = _mm256_fmadd_ps(wmv, xsv, accm);                                                          \
-            }                                                                                                    \
-        }                                                                                                        \
-        float out[8];                                                                                            \
-        _mm256_storeu_ps(out, _mm256_add_ps(acc, accm));                                                         \
-        for (int t = 0; t < 2 && i + t < M; t++)                                                                 \
-            for (long r = 0; r < rows; r++) y[(i + t) * N + n0 + r] = out[4 * t + r];                            \
-    }                                                                                                            \
+// the same from pack_columns' layout (engine/gguf_blocks.py): group g's quants are, per block b and half h, the
+// quad vectors themselves (Q4_1: 4 vectors, quads j and j + 4 in the low and high nibbles); its scales and mins
+// [b][16] are used in place
+static void unpack_packed_group(int q8_0, const uint8_t *group, long nb, __m256i *u, __m256i *sign,
+                                __m256i *wsum) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const long group_bytes = (q8_0 ? 512 : 256) * nb;
+    for (long b = 0; b < nb; b++) {
+        const __m256i *at = (const __m256i *)(group + (q8_0 ? 512 : 256) * b);  // [j][h] vectors
+        for (int v = 0; v < (q8_0 ? 16 : 8); v++) {  // v = 2 j + h
+            const __m256i quad = _mm256_loadu_si256(at + v);
+            // the next group, fetched while this one is multiplied (rows of many tiles take long enough)
+            if (v % 2 == 0) _mm_prefetch((const char *)(at + v) + group_bytes, _MM_HINT_T0);
+            if (q8_0) {
+                u[16 * b + v] = _mm256_abs_epi8(quad);
+                sign[16 * b + v] = quad;
+            } else {  // quads j and j + 4 of half h
+                u[16 * b + v] = _mm256_and_si256(quad, mask);
+                u[16 * b + v + 8] = _mm256_and_si256(_mm256_srli_epi16(quad, 4), mask);
+            }
+        }
+        if (q8_0)
+            for (int h = 0; h < 2; h++) wsum[2 * b + h] = block_sums(sign + 16 * b + h, 2);
+    }
 }
-Q8_GROUP(q8_group_avx2, "avx2,fma", dot_avx2)
-Q8_GROUP(q8_group_vnni512, "avx2,fma,avx512vnni,avx512vl", dot_vnni512)
-Q8_GROUP(q8_group_avxvnni, "avx2,fma,avxvnni", dot_avxvnni)
 
-// isa: 0 AVX2, 1 AVX512-VNNI (256-bit), 2 AVX-VNNI; the caller checks the CPU has it
-static int q8_matmul(int q8_0, int isa, const float *x, long M, long K, const float *scales, const float *mins,
-                     const uint8_t *qs, long N, float *y, int threads) {
-    const long nb = K / 32, qbytes = q8_0 ? 32 : 16, padded = M + (M & 1);
-    const long groups = (N + ROWS - 1) / ROWS;
-    // rows' quants, and their scales and sums each repeated 4 times (one per weight row of a group's vector)
-    int8_t *xq = calloc(padded * K + 32, 1);
-    float *xd4 = calloc(padded * nb * 4 + 4, sizeof(float)), *xs4 = calloc(padded * nb * 4 + 4, sizeof(float));
-    int out_of_memory = !xq || !xd4 || !xs4;
+// One column group against input rows i0 .. i0 + TILE - 1; ISA, format and TILE fixed at compile time. Integer
+// block sums are exact (AVX2 Q4_1: a pair of products <= 2 * 15 * 127, eight of them summed in int16 <= 30480;
+// Q8_0: |w| <= 128, summed in int32 after each vpmaddwd), so every ISA gives the same sums; then per output
+// acc = (d_w * d_x) * sum + acc block after block, and for Q4_1 accm = min * s + accm, y = acc + accm: one
+// order per output whatever M, the tile or the ISA.
+#define Q8_TILE(NAME, TARGET, Q8_0, STEP, FINISH, TILE)                                                          \
+__attribute__((target(TARGET))) static void NAME(const int8_t *xq, const float *xd, const float *xs, long i0,   \
+        long nb, const __m256i *u, const __m256i *sign, const __m256i *wsum, const float *ws, const float *wm,  \
+        long n0, long cols, long N, float *y) {                                                                 \
+    const long K = 32 * nb;                                                                                     \
+    (void)wsum;                                                                                                 \
+    __m256 acc[TILE][2];                                                                                        \
+    for (int t = 0; t < TILE; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();                                 \
+    for (long b = 0; b < nb; b++) {                                                                             \
+        __m256i sums[TILE][2];                                                                                  \
+        for (int t = 0; t < TILE; t++) sums[t][0] = sums[t][1] = _mm256_setzero_si256();                        \
+        for (int j = 0; j < 8; j++) {                                                                           \
+            const __m256i w0 = _mm256_load_si256(u + 16 * b + 2 * j), w1 = _mm256_load_si256(u + 16 * b + 2 * j + 1); \
+            const __m256i s0 = Q8_0 ? _mm256_load_si256(sign + 16 * b + 2 * j) : w0;                            \
+            const __m256i s1 = Q8_0 ? _mm256_load_si256(sign + 16 * b + 2 * j + 1) : w1;                        \
+            for (int t = 0; t < TILE; t++) {                                                                    \
+                int32_t quad;                                                                                   \
+                memcpy(&quad, xq + (i0 + t) * K + 32 * b + 4 * j, 4);                                           \
+                const __m256i xv = _mm256_set1_epi32(quad);                                                     \
+                sums[t][0] = STEP(sums[t][0], w0, Q8_0 ? _mm256_sign_epi8(xv, s0) : xv);                        \
+                sums[t][1] = STEP(sums[t][1], w1, Q8_0 ? _mm256_sign_epi8(xv, s1) : xv);                        \
+            }                                                                                                   \
+        }                                                                                                       \
+        const __m256 ws0 = _mm256_loadu_ps(ws + COLS * b), ws1 = _mm256_loadu_ps(ws + COLS * b + LANES);         \
+        for (int t = 0; t < TILE; t++) {                                                                        \
+            const __m256 xdv = _mm256_set1_ps(xd[(i0 + t) * nb + b]);                                           \
+            acc[t][0] = _mm256_fmadd_ps(_mm256_mul_ps(ws0, xdv), _mm256_cvtepi32_ps(FINISH(sums[t][0])), acc[t][0]); \
+            acc[t][1] = _mm256_fmadd_ps(_mm256_mul_ps(ws1, xdv), _mm256_cvtepi32_ps(FINISH(sums[t][1])), acc[t][1]); \
+        }                                                                                                       \
+    }                                                                                                           \
+    for (int t = 0; t < TILE; t++) {                                                                            \
+        __m256 accm0 = _mm256_setzero_ps(), accm1 = accm0;  /* Q4_1's min * sum(q x) terms, block after block */ \
+        for (long b = 0; b < nb && !Q8_0; b++) {                                                                \
+            const __m256 xsv = _mm256_set1_ps(xs[(i0 + t) * nb + b]);                                           \
+            accm0 = _mm256_fmadd_ps(_mm256_loadu_ps(wm + COLS * b), xsv, accm0);                                \
+            accm1 = _mm256_fmadd_ps(_mm256_loadu_ps(wm + COLS * b + LANES), xsv, accm1);                        \
+        }                                                                                                       \
+        float out[COLS];                                                                                        \
+        _mm256_storeu_ps(out, _mm256_add_ps(acc[t][0], accm0));                                                 \
+        _mm256_storeu_ps(out + LANES, _mm256_add_ps(acc[t][1], accm1));                                         \
+        memcpy(y + (i0 + t) * N + n0, out, sizeof(float) * cols);                                               \
+    }                                                                                                           \
+}
+// The same tile with 512-bit vectors (one vector = the group's 16 columns; the CPU has AVX-512 F, BW, VL and VNNI).
+// Q8_0 cannot move the weights' signs onto the activations here (no vpsignb): its activations arrive biased to
+// unsigned (q + 128, xq ^ 0x80) and each block sum is corrected by 128 * sum(q_w), still exact in integers.
+#define Q8_TILE512(NAME, Q8_0, TILE)                                                                             \
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"))) static void NAME(const int8_t *xq,       \
+        const float *xd, const float *xs, long i0, long nb, const __m256i *u, const __m256i *sign,              \
+        const __m256i *wsum, const float *ws, const float *wm, long n0, long cols, long N, float *y) {          \
+    const long K = 32 * nb;                                                                                     \
+    __m512 acc[TILE];                                                                                           \
+    for (int t = 0; t < TILE; t++) acc[t] = _mm512_setzero_ps();                                                \
+    for (long b = 0; b < nb; b++) {                                                                             \
+        __m512i sums[TILE];                                                                                     \
+        for (int t = 0; t < TILE; t++) sums[t] = _mm512_setzero_si512();                                        \
+        for (int j = 0; j < 8; j++) {                                                                           \
+            const __m512i w = _mm512_loadu_si512(Q8_0 ? sign + 16 * b + 2 * j : u + 16 * b + 2 * j);            \
+            for (int t = 0; t < TILE; t++) {                                                                    \
+                int32_t quad;                                                                                   \
+                memcpy(&quad, xq + (i0 + t) * K + 32 * b + 4 * j, 4);                                           \
+                const __m512i xv = _mm512_set1_epi32(quad);                                                     \
+                sums[t] = Q8_0 ? _mm512_dpbusd_epi32(sums[t], xv, w) : _mm512_dpbusd_epi32(sums[t], w, xv);     \
+            }                                                                                                   \
+        }                                                                                                       \
+        const __m512 wsv = _mm512_loadu_ps(ws + COLS * b);                                                      \
+        const __m512i bias = Q8_0 ? _mm512_slli_epi32(_mm512_loadu_si512(wsum + 2 * b), 7) : _mm512_setzero_si512(); \
+        for (int t = 0; t < TILE; t++) {                                                                        \
+            const __m512 xdv = _mm512_set1_ps(xd[(i0 + t) * nb + b]);                                           \
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(wsv, xdv), _mm512_cvtepi32_ps(_mm512_sub_epi32(sums[t], bias)), \
+                                     acc[t]);                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+    for (int t = 0; t < TILE; t++) {                                                                            \
+        __m512 accm = _mm512_setzero_ps();                                                                      \
+        for (long b = 0; b < nb && !Q8_0; b++)                                                                  \
+            accm = _mm512_fmadd_ps(_mm512_loadu_ps(wm + COLS * b), _mm512_set1_ps(xs[(i0 + t) * nb + b]), accm); \
+        float out[COLS];                                                                                        \
+        _mm512_storeu_ps(out, _mm512_add_ps(acc[t], accm));                                                     \
+        memcpy(y + (i0 + t) * N + n0, out, sizeof(float) * cols);                                               \
+    }                                                                                                           \
+}
+static inline __attribute__((always_inline)) __m256i add_maddubs16(__m256i s, __m256i u, __m256i x) {
+    return _mm256_add_epi16(s, _mm256_maddubs_epi16(u, x));
+}
+static inline __attribute__((always_inline)) __m256i add_maddubs32(__m256i s, __m256i u, __m256i x) {
+    return _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+}
+static inline __attribute__((always_inline)) __m256i pairs_to_int32(__m256i s) {
+    return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+}
+static inline __attribute__((always_inline)) __m256i as_is(__m256i s) { return s; }
+__attribute__((target("avxvnni"))) static inline __m256i dpbusd_avx(__m256i s, __m256i u, __m256i x) {
+    return _mm256_dpbusd_avx_epi32(s, u, x);
+}
+Q8_TILE(q4_1_avx2_1, "avx2,fma", 0, add_maddubs16, pairs_to_int32, 1)
+Q8_TILE(q4_1_avx2_2, "avx2,fma", 0, add_maddubs16, pairs_to_int32, 2)
+Q8_TILE(q4_1_avx2_4, "avx2,fma", 0, add_maddubs16, pairs_to_int32, 4)
+Q8_TILE(q8_0_avx2_1, "avx2,fma", 1, add_maddubs32, as_is, 1)
+Q8_TILE(q8_0_avx2_2, "avx2,fma", 1, add_maddubs32, as_is, 2)
+Q8_TILE(q8_0_avx2_4, "avx2,fma", 1, add_maddubs32, as_is, 4)
+Q8_TILE512(q4_1_vnni512_1, 0, 1)
+Q8_TILE512(q4_1_vnni512_2, 0, 2)
+Q8_TILE512(q4_1_vnni512_4, 0, 4)
+Q8_TILE512(q8_0_vnni512_1, 1, 1)
+Q8_TILE512(q8_0_vnni512_2, 1, 2)
+Q8_TILE512(q8_0_vnni512_4, 1, 4)
+Q8_TILE(q4_1_avxvnni_1, "avx2,fma,avxvnni", 0, dpbusd_avx, as_is, 1)
+Q8_TILE(q4_1_avxvnni_2, "avx2,fma,avxvnni", 0, dpbusd_avx, as_is, 2)
+Q8_TILE(q4_1_avxvnni_4, "avx2,fma,avxvnni", 0, dpbusd_avx, as_is, 4)
+Q8_TILE(q8_0_avxvnni_1, "avx2,fma,avxvnni", 1, dpbusd_avx, as_is, 1)
+Q8_TILE(q8_0_avxvnni_2, "avx2,fma,avxvnni", 1, dpbusd_avx, as_is, 2)
+Q8_TILE(q8_0_avxvnni_4, "avx2,fma,avxvnni", 1, dpbusd_avx, as_is, 4)
+
+#define SHARED_ROWS 32  // more input rows than this are quantized once and shared between the threads
+
+// rows i0 .. i1 - 1 of x [M, K] -> xq (int8; biased to unsigned, q ^ 0x80, for the 512-bit Q8_0 tile), xd, xs
+static void quantize_rows(int biased, const float *x, long i0, long i1, long K, int8_t *xq, float *xd, float *xs) {
+    const long nb = K / 32;
+    for (long i = i0; i < i1; i++) {
+        quantize_row_q8(x + i * K, nb, xq + i * K, xd + i * nb, xs + i * nb);
+        if (biased)
+            for (long k = 0; k < K; k++) xq[i * K + k] ^= (int8_t)0x80;
+    }
+}
+
+typedef void (*q8_tile_fn)(const int8_t *, const float *, const float *, long, long, const __m256i *,
+                           const __m256i *, const __m256i *, const float *, const float *, long, long, long, float *);
+
+// isa: 0 AVX2, 1 AVX-512 VNNI (512-bit vectors), 2 AVX-VNNI; the caller checks the CPU has it
+// packed: the blocks are in pack_columns' layout (N a multiple of 16)
+static int q8_matmul(int q8_0, int isa, int packed, const float *x, long M, long K, const float *scales,
+                     const float *mins, const uint8_t *qs, long N, float *y, int threads) {
+    // [isa][format][tile of 1, 2 or 4 rows]: the same sums in the same order, so a row's result never depends on
+    // which tile it fell in
+    static const q8_tile_fn tiles[3][2][3] = {
+        {{q4_1_avx2_1, q4_1_avx2_2, q4_1_avx2_4}, {q8_0_avx2_1, q8_0_avx2_2, q8_0_avx2_4}},
+        {{q4_1_vnni512_1, q4_1_vnni512_2, q4_1_vnni512_4}, {q8_0_vnni512_1, q8_0_vnni512_2, q8_0_vnni512_4}},
+        {{q4_1_avxvnni_1, q4_1_avxvnni_2, q4_1_avxvnni_4}, {q8_0_avxvnni_1, q8_0_avxvnni_2, q8_0_avxvnni_4}}};
+    const q8_tile_fn *tile = tiles[isa][q8_0];
+    const long nb = K / 32, groups = (N + COLS - 1) / COLS;
+    // few rows (decoding, tree verification): every thread quantizes them all itself, which costs less than the
+    // barrier a shared copy needs; many rows (a prompt): quantized once, shared
+    const int shared = M > SHARED_ROWS;
+    int8_t *xq_shared = shared ? malloc(M * K + 32) : NULL;
+    float *xd_shared = shared ? malloc(sizeof(float) * (M * nb + 1)) : NULL;
+    float *xs_shared = shared ? malloc(sizeof(float) * (M * nb + 1)) : NULL;
+    int out_of_memory = shared && (!xq_shared || !xd_shared || !xs_shared);
     #pragma omp parallel num_threads(threads)
     {
-        uint8_t *u = malloc(ROWS * K + 32);
-        int8_t *sign = malloc(ROWS * K + 32);
-        float *ws = malloc(sizeof(float) * (4 * nb + 4)), *wm = malloc(sizeof(float) * (4 * nb + 4));
-        float *d = malloc(sizeof(float) * (nb + 1)), *s = malloc(sizeof(float) * (nb + 1));
-        if (!u || !sign || !ws || !wm || !d || !s) {
+        __m256i *u = aligned_alloc(32, sizeof(__m256i) * 16 * nb), *sign = aligned_alloc(32, sizeof(__m256i) * 16 * nb);
+        __m256i *wsum = aligned_alloc(32, sizeof(__m256i) * 2 * nb);
+        float *ws = malloc(sizeof(float) * COLS * nb), *wm = malloc(sizeof(float) * COLS * nb);
+        int8_t *xq = shared ? xq_shared : malloc(M * K + 32);
+        float *xd = shared ? xd_shared : malloc(sizeof(float) * (M * nb + 1));
+        float *xs = shared ? xs_shared : malloc(sizeof(float) * (M * nb + 1));
+        uint8_t zeros[32] = {0};
+        const int ok = u && sign && wsum && ws && wm && xq && xd && xs;
+        if (!ok) {  // this thread's share is skipped; the call reports the failure
             #pragma omp atomic write
             out_of_memory = 1;
         }
-        #pragma omp barrier
-        if (!out_of_memory) {
+        if (shared) {
             #pragma omp for schedule(static)
-            for (long i = 0; i < M; i++) {
-                quantize_row_q8(x + i * K, nb, xq + i * K, d, s);
-                for (long b = 0; b < nb; b++)
-                    for (int j = 0; j < 4; j++) {
-                        xd4[(i * nb + b) * 4 + j] = d[b];
-                        xs4[(i * nb + b) * 4 + j] = s[b];
-                    }
-            }
-            #pragma omp for schedule(static)
-            for (long g = 0; g < groups; g++) {
-                const long n0 = g * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
-                memset(u, 0, ROWS * K);
-                memset(sign, 0, ROWS * K);
-                for (long r = 0; r < rows; r++)
-                    unpack_row(q8_0, qs + (n0 + r) * nb * qbytes, nb, u + r * K, sign + r * K);
-                for (long b = 0; b < nb; b++)
-                    for (long r = 0; r < ROWS; r++) {
-                        ws[4 * b + r] = r < rows ? scales[(n0 + r) * nb + b] : 0.0f;
-                        wm[4 * b + r] = r < rows && !q8_0 ? mins[(n0 + r) * nb + b] : 0.0f;
-                    }
-                if (isa == 1) q8_group_vnni512(q8_0, xq, xd4, xs4, M, nb, ws, wm, u, sign, n0, rows, N, y);
-                else if (isa == 2) q8_group_avxvnni(q8_0, xq, xd4, xs4, M, nb, ws, wm, u, sign, n0, rows, N, y);
-                else q8_group_avx2(q8_0, xq, xd4, xs4, M, nb, ws, wm, u, sign, n0, rows, N, y);
-            }
+            for (long i = 0; i < M; i++)
+                if (ok) quantize_rows(q8_0 && isa == 1, x, i, i + 1, K, xq, xd, xs);
+        } else if (ok) {
+            quantize_rows(q8_0 && isa == 1, x, 0, M, K, xq, xd, xs);
         }
-        free(u); free(sign); free(ws); free(wm); free(d); free(s);
+        #pragma omp for schedule(static)
+        for (long g = 0; g < groups; g++) {
+            if (!ok) continue;
+            const long n0 = g * COLS, cols = N - n0 < COLS ? N - n0 : COLS;
+            const float *gs = ws, *gm = wm;
+            if (packed) {
+                unpack_packed_group(q8_0, qs + n0 * nb * (q8_0 ? 32 : 16), nb, u, sign, wsum);
+                gs = scales + n0 * nb;
+                gm = q8_0 ? wm : mins + n0 * nb;
+            } else {
+                unpack_group(q8_0, qs, scales, mins, nb, n0, cols, zeros, u, sign, wsum, ws, wm);
+            }
+            long i0 = 0;
+            for (; i0 + 4 <= M; i0 += 4) tile[2](xq, xd, xs, i0, nb, u, sign, wsum, gs, gm, n0, cols, N, y);
+            if (i0 + 2 <= M) {
+                tile[1](xq, xd, xs, i0, nb, u, sign, wsum, gs, gm, n0, cols, N, y);
+                i0 += 2;
+            }
+            if (i0 < M) tile[0](xq, xd, xs, i0, nb, u, sign, wsum, gs, gm, n0, cols, N, y);
+        }
+        free(u); free(sign); free(wsum); free(ws); free(wm);
+        if (!shared) {
+            free(xq); free(xd); free(xs);
+        }
     }
-    free(xq); free(xd4); free(xs4);
+    free(xq_shared); free(xd_shared); free(xs_shared);
     return out_of_memory ? 2 : 0;
 }
 
 // kind & 3 = 0: Q4_1 (scales, mins, 16 bytes of nibbles per block); 1: Q8_0 (scales, 32 int8 per block), float32
-// activations; 2, 3: the same with 8-bit activations, (kind >> 2) & 3 the ISA of q8_matmul.
-// Returns 0; 1 when K is not a multiple of 32; 2 when a thread's work buffer could not be allocated.
+// activations; 2, 3: the same with 8-bit activations, (kind >> 2) & 3 the ISA of q8_matmul, kind & 16: the blocks
+// in pack_columns' layout.
+// Returns 0; 1 when K is not a multiple of 32; 2 when a thread's work buffer could not be allocated; 3 when packed
+// blocks have a row count that is not a multiple of 16.
 int blocks_matmul(int kind, const float *x, long M, long K, const float *scales, const float *mins,
                   const uint8_t *qs, long N, float *y, int threads) {
     if (K % 32) return 1;
-    if (kind & 2) return q8_matmul(kind & 1, (kind >> 2) & 3, x, M, K, scales, mins, qs, N, y, threads);
+    if (kind & 2) {
+        if ((kind & 16) && N % COLS) return 3;
+        return q8_matmul(kind & 1, (kind >> 2) & 3, (kind >> 4) & 1, x, M, K, scales, mins, qs, N, y, threads);
+    }
     kind &= 1;
     const long nb = K / 32, qbytes = kind == 0 ? 16 : 32;
     const long groups = (N + ROWS - 1) / ROWS;

@@ -29,6 +29,8 @@ BLOCK = 32  # weights per GGUF block, both formats
 # format -> (kernel id, bytes per block in the file, bytes of quantized values per block)
 FORMATS = {"Q4_1": (0, 20, 16), "Q8_0": (1, 34, 32)}
 Q8_ACTIVATIONS = 2  # added to a format's kernel id: the kernel quantizes the activations to 8 bits
+Q8_PACKED = 16  # added too when the blocks are in pack_columns' layout (the 8-bit activation kernel reads it)
+PACK_ROWS = 16  # weight rows (output columns) per packed group
 NUMERICS = {False: "float32 products", True: "8-bit activations, llama.cpp-style (lossy vs float32)"}
 
 
@@ -106,6 +108,26 @@ def dequantize(weight: BlockWeight) -> torch.Tensor:
     return values.reshape(rows, blocks * BLOCK)
 
 
+def pack_columns(weight: BlockWeight) -> BlockWeight:
+    """The 8-bit activation kernel's layout (engine/gguf_blocks.c `unpack_packed_group`): the same tensors, the
+    same shapes, contents reordered within each group of 16 weight rows so the kernel reads, per block, quad and
+    half of 8 rows, its vectors as they lie (lane c = row c's 4 bytes of that quad) instead of transposing them
+    on every call. Rows must be a multiple of 16; only whole groups may be sliced or concatenated afterwards."""
+    rows, blocks = weight.scales.shape
+    if rows % PACK_ROWS:
+        raise ValueError(f"pack_columns needs a multiple of {PACK_ROWS} rows, got {rows}")
+    groups, half = rows // PACK_ROWS, PACK_ROWS // 2
+    dwords = weight.quants.view(torch.int32).reshape(groups, 2, half, blocks, -1)  # [g, h, c, b, j]
+    quants = dwords.permute(0, 3, 4, 1, 2).contiguous().view(torch.uint8).reshape(rows, -1)  # [g, b, j, h, c]
+
+    def per_block(values: torch.Tensor) -> torch.Tensor:  # [rows, blocks] -> [g, b, 16] in the same shape
+        if not values.numel():
+            return values
+        return values.reshape(groups, PACK_ROWS, blocks).transpose(1, 2).contiguous().reshape(rows, blocks)
+
+    return BlockWeight(weight.format, per_block(weight.scales), per_block(weight.mins), quants)
+
+
 def quantize_q8_0(weight: torch.Tensor) -> BlockWeight:
     """[out, in] float weights -> Q8_0 blocks as ggml (and gguf-py) quantize them: per 32 weights a scale
     max|w| / 127 (stored as float16) and q = round(w / scale), halves away from zero. Lossy (about 0.4% of a
@@ -136,8 +158,10 @@ class BlockLinear(nn.Module):
                              f"{linear.out_features}x{linear.in_features}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        self.blocks, self.matmul = blocks, matmul
         self.kernel_id = FORMATS[blocks.format][0] + (Q8_ACTIVATIONS if q8 else 0)
+        if q8 and blocks.out_features % PACK_ROWS == 0:  # every real layer; others are unpacked on each call
+            blocks, self.kernel_id = pack_columns(blocks), self.kernel_id + Q8_PACKED
+        self.blocks, self.matmul = blocks, matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
         if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled():

@@ -118,16 +118,35 @@ static int attention(const float *qkv, long n, long width, const Layer *L, const
             const uint8_t *allowed = mask + i * S;
             long count = 0;
             float top = -INFINITY;
-            for (long j = 0; j < S; j++) {
-                if (!allowed[j]) continue;
+            for (long j = 0; j < S; j++)
+                if (allowed[j]) index[count++] = j;
+            // four keys at a time: four independent FMA chains hide the FMA latency; each key's score is still
+            // summed in the one order (lane l takes k = l, l + 8, ...; then hsum), so the bits do not change
+            long c = 0;
+            for (; c + 4 <= count; c += 4) {
+                const float *k0 = K + index[c] * hd, *k1 = K + index[c + 1] * hd;
+                const float *k2 = K + index[c + 2] * hd, *k3 = K + index[c + 3] * hd;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (long k = 0; k < hd; k += 8) {
+                    const __m256 qv = _mm256_loadu_ps(q + k);
+                    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + k), a0);
+                    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + k), a1);
+                    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + k), a2);
+                    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + k), a3);
+                }
+                scores[c] = hsum(a0) * scale;
+                scores[c + 1] = hsum(a1) * scale;
+                scores[c + 2] = hsum(a2) * scale;
+                scores[c + 3] = hsum(a3) * scale;
+            }
+            for (; c < count; c++) {
                 __m256 acc = _mm256_setzero_ps();
                 for (long k = 0; k < hd; k += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), _mm256_loadu_ps(K + j * hd + k), acc);
-                const float s = hsum(acc) * scale;
-                scores[count] = s;
-                index[count++] = j;
-                if (s > top) top = s;
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + k), _mm256_loadu_ps(K + index[c] * hd + k), acc);
+                scores[c] = hsum(acc) * scale;
             }
+            for (c = 0; c < count; c++)
+                if (scores[c] > top) top = scores[c];
             float *o = out + i * L->heads * hd + h * hd;
             if (count == 0) {  // no key: zeros (never happens in decoding, where a row sees at least itself)
                 memset(o, 0, sizeof(float) * hd);

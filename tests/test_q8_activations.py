@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.gguf_blocks import BLOCK, BlockLinear, BlockWeight
+from engine.gguf_blocks import BLOCK, PACK_ROWS, Q8_PACKED, BlockLinear, BlockWeight, pack_columns
 from engine.linear_paths import apply_linear_path
 from tests.test_gguf_blocks import FORMATS, VOCAB, kernel, quantize_linears, quantized, small_tree
 from tests.tiny_models import assert_tree_greedy_equals_autoregressive, random_prompt, tiny_llama, tree_model
@@ -45,14 +45,15 @@ def q8_layer(fmt: str, rows: int = 13, width: int = 160) -> tuple[BlockLinear, t
 
 def isas() -> list[str]:
     flags = native_kernels._cpuinfo_flags()
-    return [name for name, (_, flag) in native_kernels.Q8_ISAS.items() if flag in flags
-            and (name != "avx512_vnni" or "avx512vl" in flags)]
+    return [name for name, (_, needed) in native_kernels.Q8_ISAS.items() if set(needed) <= flags]
 
 
+@pytest.mark.parametrize("rows", [13, 48])  # 13: unpacked on each call; 48: pack_columns' layout, 3 groups
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_q8_kernel_is_its_reference_and_rows_are_independent(fmt):
-    layer, reference, blocks = q8_layer(fmt)
-    x = torch.randn(9, 160, generator=torch.Generator().manual_seed(1))
+def test_q8_kernel_is_its_reference_and_rows_are_independent(fmt, rows):
+    layer, reference, blocks = q8_layer(fmt, rows=rows)
+    assert bool(layer.kernel_id & Q8_PACKED) == (rows % PACK_ROWS == 0)
+    x = torch.randn(40, 160, generator=torch.Generator().manual_seed(1))  # > 32 rows: quantized once, shared
     x[3, :32] = 0  # an all-zero block: scale 0
     with torch.inference_mode():
         together = layer(x)
@@ -60,17 +61,18 @@ def test_q8_kernel_is_its_reference_and_rows_are_independent(fmt):
         assert (together.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
         assert not torch.allclose(together, x @ reference.T, atol=1e-4, rtol=1e-5)  # lossy: really 8-bit
         assert torch.allclose(together, x @ reference.T, atol=0.05 * float((x @ reference.T).abs().max()))
-        for count in (1, 2, 3, 5, 8):  # the 2-row tile and its remainder
+        for count in (1, 2, 3, 5, 8, 32):  # tiles of 4, 2 and 1 rows; each thread quantizes them itself
             assert torch.equal(layer(x[:count]), together[:count])
         assert torch.equal(layer(x[6:7]), together[6:7])
 
 
+@pytest.mark.parametrize("rows", [37, 48])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_every_isa_gives_the_same_bits(fmt, monkeypatch):
+def test_every_isa_gives_the_same_bits(fmt, rows, monkeypatch):
     available = isas()
     if len(available) < 2:
         pytest.skip(f"this CPU runs one q8 ISA build only ({available})")
-    layer, _, _ = q8_layer(fmt, rows=37, width=576)
+    layer, _, _ = q8_layer(fmt, rows=rows, width=576)
     x = torch.randn(7, 576, generator=torch.Generator().manual_seed(2)) * 3
     outputs = []
     for name in available:
@@ -80,13 +82,26 @@ def test_every_isa_gives_the_same_bits(fmt, monkeypatch):
     assert all(torch.equal(out, outputs[0]) for out in outputs[1:])
 
 
+def test_packed_and_unpacked_blocks_give_the_same_bits():
+    layer, _, blocks = q8_layer("Q4_1", rows=32, width=576)
+    x = torch.randn(6, 576, generator=torch.Generator().manual_seed(3))
+    unpacked = torch.empty(6, 32)
+    with torch.inference_mode():
+        layer.matmul(layer.kernel_id - Q8_PACKED, x, blocks, unpacked)
+        assert torch.equal(layer(x), unpacked)
+    assert not torch.equal(layer.blocks.quants, blocks.quants)  # really reordered
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack_columns(blocks.rows(torch.arange(20)))
+
+
 def test_forcing_an_isa_the_cpu_lacks_is_refused(monkeypatch):
     monkeypatch.setenv(native_kernels.Q8_ISA_ENV, "avx_vnni")
     with pytest.raises(ValueError, match="TREESPEC_Q8_ISA"):
         native_kernels.q8_isa({"avx2", "fma"})
     monkeypatch.delenv(native_kernels.Q8_ISA_ENV)
     assert native_kernels.q8_isa({"avx2", "fma"}) == "avx2"
-    assert native_kernels.q8_isa({"avx2", "avx512_vnni", "avx512vl"}) == "avx512_vnni"
+    assert native_kernels.q8_isa({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}) == "avx512_vnni"
+    assert native_kernels.q8_isa({"avx2", "avx512_vnni", "avx512vl"}) == "avx2"  # no avx512bw: no 512-bit build
     assert native_kernels.q8_isa({"avx2", "avx_vnni"}) == "avx_vnni"
 
 

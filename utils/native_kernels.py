@@ -29,8 +29,9 @@ ENGINE = Path(__file__).resolve().parent.parent / "engine"
 SOURCES = (ENGINE / "gguf_blocks.c", ENGINE / "llama_layer.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
 NEEDED_ISA = ("avx2", "fma")
-# the 8-bit activation kernels' ISA builds (engine/gguf_blocks.c q8_matmul): name -> (kind bits, CPU flag needed)
-Q8_ISAS = {"avx2": (0, "avx2"), "avx512_vnni": (1 << 2, "avx512_vnni"), "avx_vnni": (2 << 2, "avx_vnni")}
+# the 8-bit activation kernels' ISA builds (engine/gguf_blocks.c q8_matmul): name -> (kind bits, CPU flags needed)
+Q8_ISAS = {"avx2": (0, ("avx2",)), "avx512_vnni": (1 << 2, ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
+           "avx_vnni": (2 << 2, ("avx_vnni",))}
 Q8_ISA_ENV = "TREESPEC_Q8_ISA"  # force one of Q8_ISAS (e.g. avx2 on a VNNI CPU, to compare their bits)
 
 
@@ -51,16 +52,16 @@ def _cpuinfo_flags() -> frozenset[str]:
 
 def q8_isa(flags: set[str] | frozenset[str] | None = None) -> str:
     """The ISA the 8-bit activation kernel runs here: $TREESPEC_Q8_ISA when set (refused when the CPU lacks it),
-    else VNNI where the CPU has it (avx512_vnni needs avx512vl too), else AVX2. Every choice gives the same bits."""
+    else the widest VNNI build the CPU has (512-bit vectors, then AVX-VNNI), else AVX2. Every choice gives the same
+    bits."""
     flags = _cpuinfo_flags() if flags is None else flags
+    has = [name for name, (_, needed) in Q8_ISAS.items() if set(needed) <= set(flags)]
     forced = os.environ.get(Q8_ISA_ENV)
     if forced:
-        if forced not in Q8_ISAS or Q8_ISAS[forced][1] not in flags:
+        if forced not in has:
             raise ValueError(f"{Q8_ISA_ENV}={forced}: one of {', '.join(Q8_ISAS)} that this CPU has")
         return forced
-    if "avx512_vnni" in flags and "avx512vl" in flags:
-        return "avx512_vnni"
-    return "avx_vnni" if "avx_vnni" in flags else "avx2"
+    return next((name for name in ("avx512_vnni", "avx_vnni") if name in has), "avx2")
 
 
 def kind_bits(kernel_id: int) -> int:
@@ -118,6 +119,8 @@ def _bind(library: ctypes.CDLL) -> BlockMatmul:
                           torch.get_num_threads())
         if status == 2:
             raise MemoryError("gguf block kernel: out of memory for its work buffers")
+        if status == 3:
+            raise ValueError(f"gguf block kernel: packed blocks of {weight.out_features} rows, not a multiple of 16")
         if status:
             raise ValueError(f"gguf block kernel: in_features {x.shape[1]} is not a multiple of 32")
 
