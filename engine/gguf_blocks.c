@@ -114,21 +114,21 @@ static inline __attribute__((always_inline)) __m256i block_sums(const __m256i *q
 
 // one block of 8 weight rows (row[c]: column c's block, zeros for a missing column) -> u[j] the quad-j vector as
 // unsigned bytes (Q4_1 nibbles 0..15; Q8_0 |q|), sign[j] (Q8_0: the signed q, whose signs go onto the
-// activations, since vpmaddubsw and 256-bit vpdpbusd take one unsigned operand), *wsum (Q8_0: per column the
-// block's sum of q, for the 512-bit build, which biases the activations to unsigned instead: AVX-512 has no
-// vpsignb)
-static inline __attribute__((always_inline)) void unpack_block(int q8_0, const uint8_t *const *row, __m256i *u,
-                                                               __m256i *sign, __m256i *wsum) {
+// activations, since vpmaddubsw and 256-bit vpdpbusd take one unsigned operand). `biased` (Q8_0 in the 512-bit
+// build, which has no vpsignb and takes the activations biased to unsigned instead): sign[j] and *wsum, per
+// column the block's sum of q, in place of u
+static inline __attribute__((always_inline)) void unpack_block(int q8_0, int biased, const uint8_t *const *row,
+                                                               __m256i *u, __m256i *sign, __m256i *wsum) {
     const __m256i mask = _mm256_set1_epi8(0x0F);
     __m256i quad[8];
     transpose_dwords(row, 0, quad);
     if (q8_0) {
         transpose_dwords(row, 16, quad + 4);
         for (int j = 0; j < 8; j++) {
-            u[j] = _mm256_abs_epi8(quad[j]);
+            if (!biased) u[j] = _mm256_abs_epi8(quad[j]);
             sign[j] = quad[j];
         }
-        *wsum = block_sums(quad, 1);
+        if (biased) *wsum = block_sums(quad, 1);
     } else {  // byte j of a Q4_1 block holds q_j (low nibble) and q_{j+16} (high): quads j and j + 4
         for (int j = 0; j < 4; j++) {
             u[j] = _mm256_and_si256(quad[j], mask);
@@ -138,9 +138,10 @@ static inline __attribute__((always_inline)) void unpack_block(int q8_0, const u
 }
 
 // weight rows n0 .. n0 + cols - 1 (cols <= 16) -> per block b, quad j and half h: u/sign[16 b + 2 j + h] as
-// unpack_block makes them (the two halves side by side: one 512-bit vector), wsum[2 b + h], ws/wm[16 b + c] column c's scale and min (zeros for missing columns)
-static void unpack_group(int q8_0, const uint8_t *qs, const float *scales, const float *mins, long nb, long n0,
-                         long cols, const uint8_t *zeros, __m256i *u, __m256i *sign, __m256i *wsum, float *ws,
+// unpack_block makes them (the two halves side by side: one 512-bit vector), wsum[2 b + h], ws/wm[16 b + c]
+// column c's scale and min (zeros for missing columns)
+static void unpack_group(int q8_0, int biased, const uint8_t *qs, const float *scales, const float *mins, long nb,
+                         long n0, long cols, const uint8_t *zeros, __m256i *u, __m256i *sign, __m256i *wsum, float *ws,
                          float *wm) {
     const long qbytes = q8_0 ? 32 : 16;
     for (long b = 0; b < nb; b++) {
@@ -155,7 +156,7 @@ static void unpack_group(int q8_0, const uint8_t *qs, const float *scales, const
         }
         for (int h = 0; h < 2; h++) {
             __m256i hu[8], hs[8];
-            unpack_block(q8_0, at + LANES * h, hu, hs, wsum + 2 * b + h);
+            unpack_block(q8_0, biased, at + LANES * h, hu, hs, wsum + 2 * b + h);
             for (int j = 0; j < 8; j++) {
                 u[16 * b + 2 * j + h] = hu[j];
                 sign[16 * b + 2 * j + h] = hs[j];
@@ -167,7 +168,7 @@ static void unpack_group(int q8_0, const uint8_t *qs, const float *scales, const
 // the same from pack_columns' layout (engine/gguf_blocks.py): group g's quants are, per block b and half h, the
 // quad vectors themselves (Q4_1: 4 vectors, quads j and j + 4 in the low and high nibbles); its scales and mins
 // [b][16] are used in place
-static void unpack_packed_group(int q8_0, const uint8_t *group, long nb, __m256i *u, __m256i *sign,
+static void unpack_packed_group(int q8_0, int biased, const uint8_t *group, long nb, __m256i *u, __m256i *sign,
                                 __m256i *wsum) {
     const __m256i mask = _mm256_set1_epi8(0x0F);
     const long group_bytes = (q8_0 ? 512 : 256) * nb;
@@ -178,14 +179,14 @@ static void unpack_packed_group(int q8_0, const uint8_t *group, long nb, __m256i
             // the next group, fetched while this one is multiplied (rows of many tiles take long enough)
             if (v % 2 == 0) _mm_prefetch((const char *)(at + v) + group_bytes, _MM_HINT_T0);
             if (q8_0) {
-                u[16 * b + v] = _mm256_abs_epi8(quad);
+                if (!biased) u[16 * b + v] = _mm256_abs_epi8(quad);
                 sign[16 * b + v] = quad;
             } else {  // quads j and j + 4 of half h
                 u[16 * b + v] = _mm256_and_si256(quad, mask);
                 u[16 * b + v + 8] = _mm256_and_si256(_mm256_srli_epi16(quad, 4), mask);
             }
         }
-        if (q8_0)
+        if (biased)
             for (int h = 0; h < 2; h++) wsum[2 * b + h] = block_sums(sign + 16 * b + h, 2);
     }
 }
@@ -290,24 +291,17 @@ static inline __attribute__((always_inline)) __m256i as_is(__m256i s) { return s
 __attribute__((target("avxvnni"))) static inline __m256i dpbusd_avx(__m256i s, __m256i u, __m256i x) {
     return _mm256_dpbusd_avx_epi32(s, u, x);
 }
-Q8_TILE(q4_1_avx2_1, "avx2,fma", 0, add_maddubs16, pairs_to_int32, 1)
-Q8_TILE(q4_1_avx2_2, "avx2,fma", 0, add_maddubs16, pairs_to_int32, 2)
-Q8_TILE(q4_1_avx2_4, "avx2,fma", 0, add_maddubs16, pairs_to_int32, 4)
-Q8_TILE(q8_0_avx2_1, "avx2,fma", 1, add_maddubs32, as_is, 1)
-Q8_TILE(q8_0_avx2_2, "avx2,fma", 1, add_maddubs32, as_is, 2)
-Q8_TILE(q8_0_avx2_4, "avx2,fma", 1, add_maddubs32, as_is, 4)
-Q8_TILE512(q4_1_vnni512_1, 0, 1)
-Q8_TILE512(q4_1_vnni512_2, 0, 2)
-Q8_TILE512(q4_1_vnni512_4, 0, 4)
-Q8_TILE512(q8_0_vnni512_1, 1, 1)
-Q8_TILE512(q8_0_vnni512_2, 1, 2)
-Q8_TILE512(q8_0_vnni512_4, 1, 4)
-Q8_TILE(q4_1_avxvnni_1, "avx2,fma,avxvnni", 0, dpbusd_avx, as_is, 1)
-Q8_TILE(q4_1_avxvnni_2, "avx2,fma,avxvnni", 0, dpbusd_avx, as_is, 2)
-Q8_TILE(q4_1_avxvnni_4, "avx2,fma,avxvnni", 0, dpbusd_avx, as_is, 4)
-Q8_TILE(q8_0_avxvnni_1, "avx2,fma,avxvnni", 1, dpbusd_avx, as_is, 1)
-Q8_TILE(q8_0_avxvnni_2, "avx2,fma,avxvnni", 1, dpbusd_avx, as_is, 2)
-Q8_TILE(q8_0_avxvnni_4, "avx2,fma,avxvnni", 1, dpbusd_avx, as_is, 4)
+// each (ISA, format) in tiles of 1, 2 and 4 rows
+#define Q8_TILES(NAME, TARGET, Q8_0, STEP, FINISH) Q8_TILE(NAME##_1, TARGET, Q8_0, STEP, FINISH, 1) \
+    Q8_TILE(NAME##_2, TARGET, Q8_0, STEP, FINISH, 2) Q8_TILE(NAME##_4, TARGET, Q8_0, STEP, FINISH, 4)
+#define Q8_TILES512(NAME, Q8_0) Q8_TILE512(NAME##_1, Q8_0, 1) Q8_TILE512(NAME##_2, Q8_0, 2) \
+    Q8_TILE512(NAME##_4, Q8_0, 4)
+Q8_TILES(q4_1_avx2, "avx2,fma", 0, add_maddubs16, pairs_to_int32)
+Q8_TILES(q8_0_avx2, "avx2,fma", 1, add_maddubs32, as_is)
+Q8_TILES512(q4_1_vnni512, 0)
+Q8_TILES512(q8_0_vnni512, 1)
+Q8_TILES(q4_1_avxvnni, "avx2,fma,avxvnni", 0, dpbusd_avx, as_is)
+Q8_TILES(q8_0_avxvnni, "avx2,fma,avxvnni", 1, dpbusd_avx, as_is)
 
 #define SHARED_ROWS 32  // more input rows than this are quantized once and shared between the threads
 
@@ -335,6 +329,7 @@ static int q8_matmul(int q8_0, int isa, int packed, const float *x, long M, long
         {{q4_1_vnni512_1, q4_1_vnni512_2, q4_1_vnni512_4}, {q8_0_vnni512_1, q8_0_vnni512_2, q8_0_vnni512_4}},
         {{q4_1_avxvnni_1, q4_1_avxvnni_2, q4_1_avxvnni_4}, {q8_0_avxvnni_1, q8_0_avxvnni_2, q8_0_avxvnni_4}}};
     const q8_tile_fn *tile = tiles[isa][q8_0];
+    const int biased = q8_0 && isa == 1;  // the 512-bit Q8_0 tile: activations q + 128, weight sums
     const long nb = K / 32, groups = (N + COLS - 1) / COLS;
     // few rows (decoding, tree verification): every thread quantizes them all itself, which costs less than the
     // barrier a shared copy needs; many rows (a prompt): quantized once, shared
@@ -360,9 +355,9 @@ static int q8_matmul(int q8_0, int isa, int packed, const float *x, long M, long
         if (shared) {
             #pragma omp for schedule(static)
             for (long i = 0; i < M; i++)
-                if (ok) quantize_rows(q8_0 && isa == 1, x, i, i + 1, K, xq, xd, xs);
+                if (ok) quantize_rows(biased, x, i, i + 1, K, xq, xd, xs);
         } else if (ok) {
-            quantize_rows(q8_0 && isa == 1, x, 0, M, K, xq, xd, xs);
+            quantize_rows(biased, x, 0, M, K, xq, xd, xs);
         }
         #pragma omp for schedule(static)
         for (long g = 0; g < groups; g++) {
@@ -370,11 +365,11 @@ static int q8_matmul(int q8_0, int isa, int packed, const float *x, long M, long
             const long n0 = g * COLS, cols = N - n0 < COLS ? N - n0 : COLS;
             const float *gs = ws, *gm = wm;
             if (packed) {
-                unpack_packed_group(q8_0, qs + n0 * nb * (q8_0 ? 32 : 16), nb, u, sign, wsum);
+                unpack_packed_group(q8_0, biased, qs + n0 * nb * (q8_0 ? 32 : 16), nb, u, sign, wsum);
                 gs = scales + n0 * nb;
                 gm = q8_0 ? wm : mins + n0 * nb;
             } else {
-                unpack_group(q8_0, qs, scales, mins, nb, n0, cols, zeros, u, sign, wsum, ws, wm);
+                unpack_group(q8_0, biased, qs, scales, mins, nb, n0, cols, zeros, u, sign, wsum, ws, wm);
             }
             long i0 = 0;
             for (; i0 + 4 <= M; i0 += 4) tile[2](xq, xd, xs, i0, nb, u, sign, wsum, gs, gm, n0, cols, N, y);
