@@ -43,7 +43,9 @@ HELP = {
     "distill_tokens": "target-written tokens to generate/use for --distill (cached shards are reused)",
     "distill_workers": "parallel generation processes (CPU threads are split between them)",
     "distill_mix": "comma-separated generation mixes for --distill, each NAME or NAME:TOKENS (default "
-                   "--distill-tokens): chat (chat answers and short text seeds), articles (mostly news/web-like text)",
+                   "--distill-tokens): chat (chat answers and short text seeds), articles (mostly news/web-like "
+                   "text), users (human-written openings and chat questions of common kinds, utils/training/"
+                   "user_sources.py)",
     "distill_temperatures": "comma-separated temperatures cycled over generated rows; 0 = greedy",
     "distill_max_new_tokens": "longest answer generated per row",
     "distill_batch_size": "rows decoded together per shard",
@@ -73,6 +75,8 @@ HELP = {
     "save_steps": "write checkpoint-N every this many steps (an interruption loses at most these)",
     "eval_steps": "held-out evaluation every this many steps",
     "eval_rows": "rows held out for evaluation (at most a tenth of the data)",
+    "heldout_kinds": "comma-separated row kinds (the users mix's, e.g. roleplay,extraction,encyclopedic) held out "
+                     "whole: never trained on, up to --eval-rows of them evaluated; empty = a random set of rows",
     "logging_steps": "loss log line every this many steps",
     "mixed_precision": "accelerate mixed precision: no, bf16 or fp16 (bf16 is fast on CPUs with AMX)",
     "save_dtype": "dtype of the saved weights (float32, bfloat16, float16); bfloat16 halves the size",

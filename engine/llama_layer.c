@@ -96,6 +96,23 @@ static void rope(float *x, long heads, long hd, const float *cos, const float *s
 }
 
 // softmax(q k^T * scale over the masked-in keys) v for every (row, head); GQA: head h reads kv head h / group
+// The slots a row attends, in slot order, into `index`; returns how many. 32 mask bytes at a time: a long cache
+// mostly masked out (several sequences packed in one cache, each row seeing only its own) costs a few compares.
+static long masked_in(const uint8_t *allowed, long S, long *index) {
+    long count = 0, j = 0;
+    for (; j + 32 <= S; j += 32) {
+        unsigned bits = (unsigned)_mm256_movemask_epi8(
+            _mm256_cmpgt_epi8(_mm256_loadu_si256((const __m256i *)(allowed + j)), _mm256_setzero_si256()));
+        while (bits) {
+            index[count++] = j + __builtin_ctz(bits);
+            bits &= bits - 1;
+        }
+    }
+    for (; j < S; j++)
+        if (allowed[j]) index[count++] = j;
+    return count;
+}
+
 static int attention(const float *qkv, long n, long width, const Layer *L, const float *keys, const float *values,
                      long max_len, const uint8_t *mask, long S, float *out, int threads) {
     const long hd = L->head_dim, group = L->heads / L->kv_heads;
@@ -116,10 +133,8 @@ static int attention(const float *qkv, long n, long width, const Layer *L, const
             const float *q = qkv + i * width + h * hd;
             const float *K = keys + g * max_len * hd, *V = values + g * max_len * hd;
             const uint8_t *allowed = mask + i * S;
-            long count = 0;
             float top = -INFINITY;
-            for (long j = 0; j < S; j++)
-                if (allowed[j]) index[count++] = j;
+            const long count = masked_in(allowed, S, index);
             // four keys at a time: four independent FMA chains hide the FMA latency; each key's score is still
             // summed in the one order (lane l takes k = l, l + 8, ...; then hsum), so the bits do not change
             long c = 0;

@@ -30,8 +30,13 @@ import torch
 from einops import rearrange
 from transformers import StaticCache
 
+from engine.model import TreeModel
+from engine.packed_decoding import Decoded, decode_packed, pick_next
+from engine.linear_paths import KernelPlan
 from utils.errors import UserError
+from utils.experiment import eos_ids_of, load_pair
 from utils.models import cache_dir, resolve_model_path
+from utils.training.user_sources import available_kinds, draw_items
 
 SHARD_PREFIX = "shard-"
 # Finished rows stay in the batch (as dead weight) until only this share is left alive; then the cache is
@@ -117,7 +122,13 @@ class DistillSettings:
     batch_size: int = 128
     dtype: str = "bfloat16"
     seed: int = 1234
-    text_style: str = "seeds"   # plain-text rows start from TEXT_SEEDS ("seeds") or ARTICLE_SEEDS ("articles")
+    text_style: str = "seeds"   # plain-text rows start from TEXT_SEEDS ("seeds") or ARTICLE_SEEDS ("articles");
+    # "users": rows of the kinds in utils/training/user_sources.py (human-written openings, chat questions)
+    generator: str = "hf"       # "hf": transformers in `dtype`, left-padded batches; "packed": the suite's engine
+    # on `linear_path` ("gguf": float32, the target's own numerics; "q8": 8-bit activations), continuously batched
+    # over `lanes` sequences
+    linear_path: str = "plain"
+    lanes: int = 64
 
     def key(self) -> str:
         """Folder name for this setting: the target's resolved path is hashed in, not just its name.
@@ -134,12 +145,18 @@ class DistillSettings:
         return cache_dir() / "distill" / self.key()
 
 
-LATER_FIELDS = ("text_style",)  # DistillSettings fields added after the first version (see `key`)
+# DistillSettings fields added after the first version (see `key`)
+LATER_FIELDS = ("text_style", "generator", "linear_path", "lanes")
 
 DISTILL_MIXES = {
     "chat": DistillSettings(),
     # mostly plain text from article-like openers, for drafts that must follow the target on web/news pages
     "articles": DistillSettings(magpie_fraction=0.1, template_fraction=0.2, text_style="articles"),
+    # human-written openings and chat questions of common kinds (user_sources.KINDS), multi-turn where the source
+    # has turns: the kinds of prompts people bring. Written by the target on the q8 path (8-bit activations,
+    # llama.cpp's numerics: ~2x the rows per second of float32; the training labels are the float target's own)
+    "users": DistillSettings(text_style="users", generator="packed", linear_path="q8", dtype="float32",
+                             max_new_tokens=192, instruction_max_tokens=96, batch_size=256),
 }
 
 
@@ -157,6 +174,7 @@ class DistillData:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     greedy: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    kinds: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U16"))  # per row; "" where unknown
 
     @property
     def num_rows(self) -> int:
@@ -173,7 +191,8 @@ class DistillData:
         lengths = np.array([b - a for a, b in parts], dtype=np.int64)
         return DistillData(self.tokens[take], np.concatenate([[0], np.cumsum(lengths)]), self.teacher[take],
                            self.topk_ids[take], self.topk_logprobs[take],
-                           self.greedy[np.asarray(indices, dtype=np.int64)] if len(self.greedy) else self.greedy)
+                           self.greedy[np.asarray(indices, dtype=np.int64)] if len(self.greedy) else self.greedy,
+                           self.kinds[np.asarray(indices, dtype=np.int64)] if len(self.kinds) else self.kinds)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,31 +235,6 @@ def _plan_rows(rng: random.Random, n: int, settings: DistillSettings, has_chat: 
 # Batched decoding that keeps the target's top-k log-probs
 
 
-@dataclass
-class _Decoded:
-    tokens: list[int]
-    topk_ids: list[np.ndarray]
-    topk_logprobs: list[np.ndarray]
-    finished: bool
-
-
-def _pick(logits: torch.Tensor, greedy: torch.Tensor, temps: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Next token per row: `greedy` where the row's temperature is 0, else a sample at that temperature.
-
-    Sampling inverts the CDF with one uniform draw per row: torch.multinomial draws an exponential per
-    vocabulary entry, which cost a quarter of each decoding step on CPU.
-    """
-    sampled_rows = temps > 0
-    if not bool(sampled_rows.any()):
-        return greedy
-    probs = torch.softmax(logits[sampled_rows] / temps[sampled_rows, None], -1)
-    cdf = probs.cumsum(-1)
-    u = torch.rand((cdf.shape[0], 1), generator=gen) * cdf[:, -1:]
-    out = greedy.clone()
-    out[sampled_rows] = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=logits.shape[-1] - 1)
-    return out
-
-
 def _compact(cache: StaticCache, rows: torch.Tensor) -> None:
     """Keep only `rows` of a static KV cache (transformers offers this for dynamic caches only)."""
     for layer in cache.layers:
@@ -251,7 +245,7 @@ def _compact(cache: StaticCache, rows: torch.Tensor) -> None:
 
 @torch.inference_mode()
 def decode_batch(model, prompts: list[list[int]], temps: list[float], max_new: int, stop_id: int | None,
-                 top_k: int, pad_id: int, gen: torch.Generator) -> list[_Decoded]:
+                 top_k: int, pad_id: int, gen: torch.Generator) -> list[Decoded]:
     """Left-padded batched decoding with a preallocated KV cache; finished rows are dropped as it goes.
 
     Written here rather than through `generate` because we keep top-k log-probs of every step and
@@ -267,7 +261,7 @@ def decode_batch(model, prompts: list[list[int]], temps: list[float], max_new: i
         mask[i, width - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     temp_t = torch.tensor(temps, dtype=torch.float32)
-    results = [_Decoded([], [], [], False) for _ in range(n)]
+    results = [Decoded() for _ in range(n)]
     alive = torch.arange(n)
     cache = StaticCache(config=model.config, max_cache_len=width + max_new)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
@@ -277,7 +271,7 @@ def decode_batch(model, prompts: list[list[int]], temps: list[float], max_new: i
     for step in range(max_new):
         logprobs = torch.log_softmax(logits, -1)
         top_lp, top_ids = logprobs.topk(top_k, -1)
-        nxt = _pick(logits, top_ids[:, 0], temp_t[alive], gen)
+        nxt = pick_next(logits, top_ids[:, 0], temp_t[alive], gen)
         keep = []
         for j, row in enumerate(alive.tolist()):
             r = results[row]
@@ -308,7 +302,7 @@ def decode_batch(model, prompts: list[list[int]], temps: list[float], max_new: i
 # Shards
 
 
-def _row_arrays(tokens: list[int], spans: list[tuple[int, _Decoded]], k: int) -> dict[str, np.ndarray]:
+def _row_arrays(tokens: list[int], spans: list[tuple[int, Decoded]], k: int) -> dict[str, np.ndarray]:
     """Per-token arrays of one row; `spans` are (start index, decoded piece) of target-written tokens."""
     n = len(tokens)
     teacher = np.zeros(n, dtype=bool)
@@ -326,6 +320,8 @@ def generate_shard(model, tokenizer, settings: DistillSettings, index: int) -> d
     """One batch of rows, reproducible from (seed, index)."""
     rng = random.Random(settings.seed * 1_000_003 + index)
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
+    if settings.text_style == "users":
+        return user_shard(model, tokenizer, settings, rng, gen)
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
@@ -336,7 +332,7 @@ def generate_shard(model, tokenizer, settings: DistillSettings, index: int) -> d
     articles = settings.text_style == "articles"
 
     magpie_rows = [i for i, kind in enumerate(kinds) if kind == "magpie"]
-    requests: dict[int, _Decoded] = {}
+    requests: dict[int, Decoded] = {}
     if magpie_rows:
         asked = decode_batch(model, [before] * len(magpie_rows), [settings.instruction_temperature] * len(magpie_rows),
                              settings.instruction_max_tokens, eos, settings.top_k, pad, gen)
@@ -371,6 +367,72 @@ def generate_shard(model, tokenizer, settings: DistillSettings, index: int) -> d
     return shard
 
 
+def _turn_pieces(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """Chat-template token ids before the first user message, after a user message (through the assistant
+    header), and between an assistant answer's stop token and the next user message."""
+    before, after = _chat_pieces(tokenizer)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "\u0000A\u0000"},
+                                          {"role": "assistant", "content": "\u0000B\u0000"},
+                                          {"role": "user", "content": "\u0000C\u0000"}], tokenize=False)
+    between = tokenizer(text.split("\u0000B\u0000")[1].split("\u0000C\u0000")[0],
+                        add_special_tokens=False)["input_ids"]
+    return before, after, between[1:] if between[:1] == [tokenizer.eos_token_id] else between
+
+
+def user_shard(model: TreeModel, tokenizer, settings: DistillSettings, rng: random.Random,
+               gen: torch.Generator) -> dict[str, np.ndarray]:
+    """One batch of the "users" mix: kinds drawn by weight (user_sources.KINDS); selfq kinds first have the
+    target write the question, chat rows with more turns get each next turn after the target's answer. Every
+    round is one continuously batched pass (engine/packed_decoding.py)."""
+    weights, _ = available_kinds()
+    items = draw_items(rng, settings.batch_size, weights, TOPICS)
+    temps = [rng.choice(settings.temperatures) for _ in items]
+    before, after, between = _turn_pieces(tokenizer)
+    stop = eos_ids_of(tokenizer, model.hf_model)
+    room = model.max_len // settings.lanes - settings.max_new_tokens   # longest prompt a lane takes
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def run(prompts: list[list[int]], row_temps: list[float], max_new: int) -> list[Decoded]:
+        return decode_packed(model, prompts, row_temps, max_new, stop, settings.top_k, gen, lanes=settings.lanes)
+
+    selfq = [i for i, item in enumerate(items) if item.instruction]
+    asked = run([before + encode(items[i].instruction) + after for i in selfq],
+                [settings.instruction_temperature] * len(selfq), settings.instruction_max_tokens)
+    questions = {i: [t for t in q.tokens if t not in stop] for i, q in zip(selfq, asked) if q.finished}
+    rows: list[tuple[int, list[int], list[tuple[int, Decoded]]]] = []   # (item, prompt, teacher spans)
+    for i, item in enumerate(items):
+        if item.instruction:
+            if len(questions.get(i, ())) > 3:
+                rows.append((i, before + questions[i] + after, []))
+        elif item.turns:
+            rows.append((i, before + encode(item.turns[0]) + after, []))
+        else:
+            rows.append((i, encode(item.text), []))
+    rows = [(i, prompt, spans) for i, prompt, spans in rows if len(prompt) <= room]
+    answers = run([prompt for _, prompt, _ in rows], [temps[i] for i, _, _ in rows], settings.max_new_tokens)
+    rows = [(i, prompt + ans.tokens, spans + [(len(prompt), ans)], ans.finished)
+            for (i, prompt, spans), ans in zip(rows, answers)]
+    for turn in range(1, max((len(item.turns) for item in items), default=1)):  # next turns after answers
+        todo = [r for r, (i, tokens, _, finished) in enumerate(rows)
+                if finished and len(items[i].turns) > turn
+                and len(tokens) + len(between) + 64 + len(after) <= room]
+        prompts = [rows[r][1] + between + encode(items[rows[r][0]].turns[turn]) + after for r in todo]
+        keep = [(r, p) for r, p in zip(todo, prompts) if len(p) <= room]
+        follow = run([p for _, p in keep], [temps[rows[r][0]] for r, _ in keep], settings.max_new_tokens)
+        for (r, prompt), ans in zip(keep, follow):
+            i, _, spans, _ = rows[r]
+            rows[r] = (i, prompt + ans.tokens, spans + [(len(prompt), ans)], ans.finished)
+    parts = [_row_arrays(tokens, spans, settings.top_k) for _, tokens, spans, _ in rows]
+    lengths = np.array([len(p["tokens"]) for p in parts], dtype=np.int64)
+    shard = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    shard["offsets"] = np.concatenate([[0], np.cumsum(lengths)])
+    shard["greedy"] = np.array([temps[i] == 0 for i, *_ in rows], dtype=bool)
+    shard["kinds"] = np.array([items[i].kind for i, *_ in rows], dtype="<U16")
+    return shard
+
+
 def _shard_path(folder: Path, index: int) -> Path:
     return folder / f"{SHARD_PREFIX}{index:05d}.npz"
 
@@ -382,7 +444,34 @@ def _save_shard(path: Path, shard: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
     meta = {"rows": int(len(shard["offsets"]) - 1), "tokens": int(len(shard["tokens"])),
             "teacher_tokens": int(shard["teacher"].sum())}
+    if "kinds" in shard:
+        meta["kinds"] = kind_counts(shard)
     path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def kind_counts(shard: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """{kind: {rows, tokens, teacher_tokens}} of a shard that records its rows' kinds."""
+    out: dict[str, dict[str, int]] = {}
+    for r, kind in enumerate(shard["kinds"].tolist()):
+        a, b = int(shard["offsets"][r]), int(shard["offsets"][r + 1])
+        entry = out.setdefault(kind, {"rows": 0, "tokens": 0, "teacher_tokens": 0})
+        entry["rows"] += 1
+        entry["tokens"] += b - a
+        entry["teacher_tokens"] += int(shard["teacher"][a:b].sum())
+    return out
+
+
+def write_mix(folder: Path, paths: list[Path]) -> dict:
+    """mix.json: what the cache holds by kind (summed over its shards) and the kinds whose source is missing."""
+    total: dict[str, dict[str, int]] = {}
+    for path in paths:
+        for kind, entry in json.loads(path.with_suffix(".json").read_text()).get("kinds", {}).items():
+            into = total.setdefault(kind, {"rows": 0, "tokens": 0, "teacher_tokens": 0})
+            for key, value in entry.items():
+                into[key] += value
+    mix = {"kinds": dict(sorted(total.items())), "missing_sources": available_kinds()[1]}
+    (folder / "mix.json").write_text(json.dumps(mix, indent=1))
+    return mix
 
 
 def _shard_teacher_tokens(path: Path) -> int:
@@ -456,13 +545,22 @@ def register_gqa_attention() -> None:
     AttentionMaskInterface.register(GQA_ATTENTION, eager_mask)  # always a full mask, never "causal, no mask"
 
 
+# cache slots per lane of the packed generator: the longest prompt plus the answer (longer prompts are skipped)
+LANE_SLOTS = 1024
+
+
 def _load_generator(settings: DistillSettings):
-    """The target in the generation dtype, with `gqa_attention` (see there why)."""
+    """The target in the generation dtype: with `gqa_attention` (see there why) for the "hf" generator, or as
+    the suite's TreeModel on `linear_path` with LANE_SLOTS cache slots per lane for the "packed" one."""
     from transformers import AutoModelForCausalLM
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.get(settings.dtype)
     if dtype is None:
         raise UserError(f"unknown distillation dtype {settings.dtype!r}: use bfloat16, float16 or float32")
+    if settings.generator == "packed":
+        plan = KernelPlan(dtype, settings.linear_path)
+        return load_pair(settings.target, None, False, dtype, "cpu", settings.lanes * LANE_SLOTS,
+                         plans=(plan, plan)).target
     register_gqa_attention()
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(settings.target), dtype=dtype,
                                                  attn_implementation=GQA_ATTENTION)
@@ -490,7 +588,10 @@ def ensure_distill_data(settings: DistillSettings, teacher_tokens: int, workers:
         missing = list(range(index, index + math.ceil((teacher_tokens - have) / max(per_shard, 1.0) * 1.05) + 1))
         _run_workers(settings, missing, workers, log_path)
         return ensure_distill_data(settings, teacher_tokens, workers, log_path)
-    return [_shard_path(folder, i) for i in range(index)]
+    paths = [_shard_path(folder, i) for i in range(index)]
+    if settings.text_style == "users":
+        write_mix(folder, paths)
+    return paths
 
 
 def cached_teacher_tokens(settings: DistillSettings) -> int:
@@ -533,6 +634,8 @@ def load_distill_data(paths: list[Path]) -> DistillData:
     if not paths:
         raise UserError("no distillation shards to load")
     parts = [dict(np.load(p)) for p in paths]
+    for part in parts:  # shards written before rows recorded their kind
+        part.setdefault("kinds", np.full(len(part["offsets"]) - 1, "", dtype="<U16"))
     offsets, shift = [np.zeros(1, dtype=np.int64)], 0
     for part in parts:
         offsets.append(part["offsets"][1:] + shift)
@@ -540,7 +643,7 @@ def load_distill_data(paths: list[Path]) -> DistillData:
     return DistillData(np.concatenate([p["tokens"] for p in parts]), np.concatenate(offsets),
                        np.concatenate([p["teacher"] for p in parts]), np.concatenate([p["topk_ids"] for p in parts]),
                        np.concatenate([p["topk_logprobs"] for p in parts]),
-                       np.concatenate([p["greedy"] for p in parts]))
+                       np.concatenate([p["greedy"] for p in parts]), np.concatenate([p["kinds"] for p in parts]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -553,7 +656,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("tokens", type=int, help="target-written tokens the cache should hold")
     parser.add_argument("workers", type=int, nargs="?", default=1, help="generating processes")
     parser.add_argument("mix", nargs="?", default="chat", choices=sorted(DISTILL_MIXES),
-                        help="chat (the defaults) or articles (mostly text from ARTICLE_SEEDS)")
+                        help="chat (the defaults), articles (mostly text from ARTICLE_SEEDS) or users (openings and "
+                             "questions of the kinds in utils/training/user_sources.py)")
     args = parser.parse_args(argv)
 
     def run() -> None:

@@ -31,7 +31,7 @@ from utils.models import (DraftVocab, head_weight, load_draft_vocab, load_featur
                           resolve_model_path)
 from utils.training.common import (LoopHooks, adamw, make_accelerator, prepare_output_dir, restore_training_state,
                                    train_loop, write_run_info)
-from utils.training.settings import TrainSettings, parse_target_layers, ttt_passes, validate
+from utils.training.settings import TrainSettings, heldout_kind_set, parse_target_layers, ttt_passes, validate
 from utils.training.training_data import (check_tokenizer_match, choose_subset, heldout_coverage, load_training_data,
                                           split_rows, windows)
 
@@ -247,7 +247,7 @@ def evaluate_feature_draft_only(s: TrainSettings) -> dict[str, float]:
     data settings and --seed would have set aside (features cached in --output-dir)."""
     tokenizer = load_tokenizer(s.target)
     check_tokenizer_match(load_tokenizer(s.init), tokenizer, s.init, s.target)
-    _, held = split_rows(load_training_data(s, tokenizer), s.eval_rows, s.seed)
+    _, held = split_rows(load_training_data(s, tokenizer), s.eval_rows, s.seed, heldout_kind_set(s))
     target = load_hf_model(s.target, torch.float32, "cpu")
     net, head_list = load_feature_net(resolve_model_path(s.init), target)
     spans = windows(held, s.seq_len)
@@ -350,7 +350,7 @@ def train_feature_draft(s: TrainSettings) -> dict[str, float]:
     out_dir = Path(s.output_dir)
     found = prepare_output_dir(s)
     tokenizer = load_tokenizer(s.target)
-    train_data, held = split_rows(load_training_data(s, tokenizer), s.eval_rows, s.seed)
+    train_data, held = split_rows(load_training_data(s, tokenizer), s.eval_rows, s.seed, heldout_kind_set(s))
     # features in FEATURE_DTYPE (that copy is loaded only if a feature cache misses); the full-precision head
     # and embedding come from a float32 copy
     target = load_hf_model(s.target, torch.float32, "cpu")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields, replace
 
 from utils.errors import UserError
 from utils.training.distill_data import DISTILL_MIXES, DistillSettings
+from utils.training.user_sources import KIND_NAMES
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -99,6 +100,7 @@ class TrainSettings:
     save_steps: int = 200
     eval_steps: int = 200
     eval_rows: int = 200
+    heldout_kinds: str = ""
     logging_steps: int = 10
     mixed_precision: str = "bf16"
     save_dtype: str = "float32"
@@ -150,6 +152,13 @@ def validate(s: TrainSettings) -> None:
     if s.eval_only and s.init is None:
         raise UserError("--eval-only needs --init: the draft folder to evaluate")
     parse_temperatures(s.distill_temperatures)
+    unknown = [kind for kind in heldout_kind_set(s) if kind not in KIND_NAMES]
+    if unknown:
+        raise UserError(f"--heldout-kinds {','.join(unknown)}: unknown kind; choose from {', '.join(KIND_NAMES)}")
+
+
+def heldout_kind_set(s: TrainSettings) -> set[str]:
+    return {kind.strip() for kind in s.heldout_kinds.split(",") if kind.strip()}
 
 
 def ttt_passes(s: TrainSettings) -> int:

@@ -17,7 +17,7 @@ from utils.models import DraftVocab, is_feature_draft, load_draft_vocab, load_hf
 from utils.training.common import (LoopHooks, adamw, make_accelerator, prepare_output_dir, restore_training_state,
                                    train_loop, write_run_info)
 from utils.training.distill_data import DistillData
-from utils.training.settings import IGNORE, PRESETS, SETTINGS_FILE, TrainSettings, validate
+from utils.training.settings import IGNORE, PRESETS, SETTINGS_FILE, TrainSettings, heldout_kind_set, validate
 from utils.training.training_data import (Batch, check_tokenizer_match, choose_subset, draft_to_target,
                                           heldout_coverage, load_training_data, make_batch, split_rows, vocab_tables,
                                           windows)
@@ -236,7 +236,7 @@ def evaluate_token_draft_only(s: TrainSettings) -> dict[str, float]:
     settings and --seed would have set aside."""
     tokenizer = load_tokenizer(s.target)
     pad_id = pad_id_of(tokenizer)
-    _, held = split_rows(load_training_data(s, tokenizer), s.eval_rows, s.seed)
+    _, held = split_rows(load_training_data(s, tokenizer), s.eval_rows, s.seed, heldout_kind_set(s))
     model, vocab = load_init(s.init, tokenizer, s.target)
     teacher = Teacher(s, "cpu") if held.topk_ids.shape[1] == 0 else None
     metrics = evaluate(model.eval(), held, s, vocab, teacher, pad_id, "cpu")
@@ -261,7 +261,7 @@ def train_token_draft(s: TrainSettings) -> dict[str, float]:
     found = prepare_output_dir(s)
     tokenizer = load_tokenizer(s.target)
     pad_id = pad_id_of(tokenizer)
-    train_data, held = split_rows(load_training_data(s, tokenizer), s.eval_rows, s.seed)
+    train_data, held = split_rows(load_training_data(s, tokenizer), s.eval_rows, s.seed, heldout_kind_set(s))
 
     if found:
         from transformers import AutoModelForCausalLM

@@ -14,7 +14,7 @@ from utils.data import CHAT_KIND, load_texts
 from utils.errors import UserError
 from utils.models import DraftVocab
 from utils.training.distill_data import DistillData, ensure_distill_data, load_distill_data
-from utils.training.settings import IGNORE, TrainSettings, distill_settings, parse_mixes
+from utils.training.settings import IGNORE, TrainSettings, distill_settings, heldout_kind_set, parse_mixes
 
 def text_data(tokenizer, dataset: str, start: int, end: int | None) -> DistillData:
     """Rows of a --dataset as token data without a stored teacher: every token after the first is a label."""
@@ -48,9 +48,20 @@ def load_training_data(s: TrainSettings, tokenizer) -> DistillData:
     return text_data(tokenizer, s.dataset, s.dataset_start, s.dataset_end)
 
 
-def split_rows(data: DistillData, eval_rows: int, seed: int) -> tuple[DistillData, DistillData]:
-    """(train, held-out): a fixed random set of whole rows is held out, never trained on."""
+def split_rows(data: DistillData, eval_rows: int, seed: int,
+               heldout_kinds: set[str] | frozenset[str] = frozenset()) -> tuple[DistillData, DistillData]:
+    """(train, held-out): a fixed random set of whole rows is held out, never trained on. With `heldout_kinds`,
+    whole kinds are: no row of them is trained on, and up to `eval_rows` of them (a fixed random set) are
+    evaluated."""
     order = np.random.default_rng(seed + 7919).permutation(data.num_rows)
+    if heldout_kinds:
+        if not len(data.kinds):
+            raise UserError("--heldout-kinds needs data whose rows record their kind: --distill-mix users")
+        of_kind = np.isin(data.kinds, sorted(heldout_kinds))
+        if not of_kind.any():
+            raise UserError(f"--heldout-kinds {','.join(sorted(heldout_kinds))}: no row of these kinds in the data")
+        held = np.sort([i for i in order if of_kind[i]][:eval_rows])
+        return data.rows(np.flatnonzero(~of_kind)), data.rows(held)
     n_eval = min(eval_rows, data.num_rows // 10) if data.num_rows >= 10 else 0
     held = np.sort(order[:n_eval])
     train = np.sort(order[n_eval:])
