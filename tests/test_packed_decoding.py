@@ -125,3 +125,19 @@ def test_heldout_kinds_are_never_trained_on():
     with pytest.raises(UserError, match="record their kind"):
         split_rows(DistillData(data.tokens, data.offsets, data.teacher, data.topk_ids, data.topk_logprobs), 2, 0,
                    {"news"})
+
+
+def test_a_mix_keeps_its_own_generation_settings_unless_a_flag_changes_them():
+    """`--distill-mix users` must find the cache the users mix wrote: the --distill-* flags left at their defaults
+    do not replace its float32 dtype, lengths or batch size (they did once, and training regenerated the data)."""
+    from dataclasses import replace
+
+    from utils.training.distill_data import DISTILL_MIXES
+    from utils.training.settings import TrainSettings, distill_settings
+
+    defaults = TrainSettings()
+    assert distill_settings(defaults, "users") == DISTILL_MIXES["users"]
+    assert distill_settings(defaults, "chat") == DISTILL_MIXES["chat"]
+    changed = distill_settings(replace(defaults, distill_dtype="float16", distill_max_new_tokens=64), "users")
+    assert (changed.dtype, changed.max_new_tokens) == ("float16", 64)
+    assert changed.batch_size == DISTILL_MIXES["users"].batch_size

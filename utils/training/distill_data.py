@@ -316,6 +316,15 @@ def _row_arrays(tokens: list[int], spans: list[tuple[int, Decoded]], k: int) -> 
     return {"tokens": np.asarray(tokens, dtype=np.int32), "teacher": teacher, "topk_ids": ids, "topk_logprobs": lps}
 
 
+def _stack_rows(parts: list[dict[str, np.ndarray]], row_temps: list[float]) -> dict[str, np.ndarray]:
+    """One shard from rows' per-token arrays: concatenated, with row offsets and which rows were greedy."""
+    lengths = np.array([len(p["tokens"]) for p in parts], dtype=np.int64)
+    shard = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    shard["offsets"] = np.concatenate([[0], np.cumsum(lengths)])
+    shard["greedy"] = np.array([t == 0 for t in row_temps], dtype=bool)
+    return shard
+
+
 def generate_shard(model, tokenizer, settings: DistillSettings, index: int) -> dict[str, np.ndarray]:
     """One batch of rows, reproducible from (seed, index)."""
     rng = random.Random(settings.seed * 1_000_003 + index)
@@ -358,13 +367,8 @@ def generate_shard(model, tokenizer, settings: DistillSettings, index: int) -> d
         row_temps.append(temps[i])
     answers = decode_batch(model, prompts, row_temps, settings.max_new_tokens, eos, settings.top_k, pad, gen)
 
-    parts = [_row_arrays(prompt + ans.tokens, spans + [(len(prompt), ans)], settings.top_k)
-             for (prompt, spans), ans in zip(rows, answers)]
-    lengths = np.array([len(p["tokens"]) for p in parts], dtype=np.int64)
-    shard = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    shard["offsets"] = np.concatenate([[0], np.cumsum(lengths)])
-    shard["greedy"] = np.array([t == 0 for t in row_temps], dtype=bool)
-    return shard
+    return _stack_rows([_row_arrays(prompt + ans.tokens, spans + [(len(prompt), ans)], settings.top_k)
+                        for (prompt, spans), ans in zip(rows, answers)], row_temps)
 
 
 def _turn_pieces(tokenizer) -> tuple[list[int], list[int], list[int]]:
@@ -424,11 +428,8 @@ def user_shard(model: TreeModel, tokenizer, settings: DistillSettings, rng: rand
         for (r, prompt), ans in zip(keep, follow):
             i, _, spans, _ = rows[r]
             rows[r] = (i, prompt + ans.tokens, spans + [(len(prompt), ans)], ans.finished)
-    parts = [_row_arrays(tokens, spans, settings.top_k) for _, tokens, spans, _ in rows]
-    lengths = np.array([len(p["tokens"]) for p in parts], dtype=np.int64)
-    shard = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    shard["offsets"] = np.concatenate([[0], np.cumsum(lengths)])
-    shard["greedy"] = np.array([temps[i] == 0 for i, *_ in rows], dtype=bool)
+    shard = _stack_rows([_row_arrays(tokens, spans, settings.top_k) for _, tokens, spans, _ in rows],
+                        [temps[i] for i, *_ in rows])
     shard["kinds"] = np.array([items[i].kind for i, *_ in rows], dtype="<U16")
     return shard
 
@@ -584,8 +585,10 @@ def ensure_distill_data(settings: DistillSettings, teacher_tokens: int, workers:
         have += _shard_teacher_tokens(_shard_path(folder, index))
         index += 1
     if have < teacher_tokens:
-        per_shard = have / index if index else settings.batch_size * settings.max_new_tokens * 0.6
-        missing = list(range(index, index + math.ceil((teacher_tokens - have) / max(per_shard, 1.0) * 1.05) + 1))
+        if index:
+            missing = list(range(index, index + math.ceil((teacher_tokens - have) / max(have / index, 1.0) * 1.05)))
+        else:  # no shard yet to estimate tokens per shard from: one round of `workers` shards, then re-estimate
+            missing = list(range(workers))
         _run_workers(settings, missing, workers, log_path)
         return ensure_distill_data(settings, teacher_tokens, workers, log_path)
     paths = [_shard_path(folder, i) for i in range(index)]

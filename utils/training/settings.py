@@ -221,10 +221,14 @@ def parse_temperatures(text: str) -> tuple[float, ...]:
 
 
 def distill_settings(s: TrainSettings, mix: str = "chat") -> DistillSettings:
-    """The generation settings of one --distill-mix entry, with the --distill-* flags applied."""
-    return replace(DISTILL_MIXES[mix], target=s.target, temperatures=parse_temperatures(s.distill_temperatures),
-                   max_new_tokens=s.distill_max_new_tokens, top_k=s.distill_top_k,
-                   batch_size=s.distill_batch_size, dtype=s.distill_dtype)
+    """The generation settings of one --distill-mix entry, with the --distill-* flags applied where they are set
+    away from their defaults (a mix such as "users" keeps its own dtype, lengths and batch size otherwise)."""
+    flags = {"temperatures": ("distill_temperatures", parse_temperatures),
+             "max_new_tokens": ("distill_max_new_tokens", int), "top_k": ("distill_top_k", int),
+             "batch_size": ("distill_batch_size", int), "dtype": ("distill_dtype", str)}
+    changed = {name: convert(getattr(s, flag)) for name, (flag, convert) in flags.items()
+               if getattr(s, flag) != TrainSettings.__dataclass_fields__[flag].default}
+    return replace(DISTILL_MIXES[mix], target=s.target, **changed)
 
 
 def settings_fields() -> list[tuple[str, object, type]]:
