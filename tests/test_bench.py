@@ -71,6 +71,7 @@ def test_bench_end_to_end_greedy_matches_generate(subset_pair, tmp_path, capsys)
     for key in ("versions", "hardware", "dtype", "hf_dtype", "flags", "growmap", "sampling"):
         assert key in summary
     assert summary["hardware"]["threads"] >= 1
+    assert {"cpu_model", "isa"} <= set(summary["hardware"])  # every figure names its CPU
     assert len(rows) == 2 and set(rows[0]["outputs"]) >= {"generate", "assisted", "baseline"}
     assert Path(out.split("chart: ")[1].splitlines()[0]).stat().st_size > 0
     assert "speedup" in out and "assisted: the draft predicts 64" in out

@@ -10,8 +10,9 @@ import torch
 
 from engine.linear_paths import KernelPlan
 from utils.calibration import choose as C
-from utils.calibration.cache import cpu_description, machine_key, profile_path
+from utils.calibration.cache import machine_key, profile_path
 from utils.calibration.measure import CALIBRATION_ROWS
+from utils.report import cpu_description
 
 PLANS = [KernelPlan(torch.float32, "plain"), KernelPlan(torch.float32, "onednn"), KernelPlan(torch.bfloat16, "plain")]
 # ms per forward over CALIBRATION_ROWS (1, 2, 4, 8, 16, 32) tokens, shaped like an AVX2 CPU's: float32 plain jumps

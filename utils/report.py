@@ -21,9 +21,37 @@ def library_versions() -> dict:
             "transformers": transformers.__version__}
 
 
+# the ISA flags that pick kernel paths (engine/native_layers.py, the q8 tiles, oneDNN)
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def read_cpuinfo() -> str:
+    """/proc/cpuinfo's text ("" where there is none: not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_description(cpuinfo: str) -> tuple[str, list[str]]:
+    """(model name, the ISA flags that pick kernel paths) from the text of /proc/cpuinfo."""
+    model, flags = "unknown", []
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = sorted(set(value.split()) & set(ISA_FLAGS))
+    return model, flags
+
+
 def hardware() -> dict:
-    """Where a run happened: CPU, torch threads and the GPU if any (timings mean nothing without it)."""
-    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    """Where a run happened: CPU (architecture, model name, kernel-relevant ISA flags), torch threads and the GPU
+    if any (timings mean nothing without it)."""
+    model, isa = cpu_description(read_cpuinfo())
+    info = {"cpu": platform.processor() or platform.machine(), "cpu_model": model, "isa": isa,
+            "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -10,11 +10,9 @@ import torch
 
 from utils.models import cache_dir
 from utils.native_kernels import gguf_kernel_version
-from utils.report import write_json
+from utils.report import cpu_description, read_cpuinfo, write_json
 
 FORMAT = 3  # bump when the measurement changes meaning: older files are then recalibrated
-ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 ISA_OVERRIDES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
@@ -31,28 +29,12 @@ def machine_load() -> float:
         return 0.0
 
 
-def cpu_description(cpuinfo: str) -> tuple[str, list[str]]:
-    """(model name, the ISA flags that pick kernel paths) from the text of /proc/cpuinfo."""
-    model, flags = "unknown", []
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model == "unknown":
-            model = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = sorted(set(value.split()) & set(ISA_FLAGS))
-    return model, flags
-
-
 def machine_key() -> dict:
     """Everything that changes which kernel is fastest: CPU, ISA (and the variables that cap it), torch's
     chosen CPU capability, threads, library versions."""
     import transformers
 
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    model, flags = cpu_description(cpuinfo)
+    model, flags = cpu_description(read_cpuinfo())
     return {"format": FORMAT, "cpu": model, "isa": flags,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "isa_overrides": {name: os.environ[name] for name in ISA_OVERRIDES if name in os.environ},

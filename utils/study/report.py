@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 
 import pandas as pd
 
 from utils.errors import UserError
+from utils.report import cpu_description, read_cpuinfo
 from utils.study.figures import potential_figure, static_dynamic_figure, tree_size_figure
 from utils.study.spec import parse_study
 from utils.study.table import study_table
@@ -20,11 +20,7 @@ SHOWN = ("tokens_per_step", "drafted_per_step", "tokens_per_s", "speedup", "toke
 
 def machine() -> str:
     """The CPU, its core count and vector ISA flags, and the load when the report was made."""
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
-               platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    cpu, isa = cpu_description(read_cpuinfo())
     return f"{cpu} ({os.cpu_count()} cores; {', '.join(isa)}); load average {os.getloadavg()[0]:.2f} when reported"
 
 
