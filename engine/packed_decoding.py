@@ -128,13 +128,15 @@ def decode_packed(model: TreeModel, prompts: list[list[int]], temps: list[float]
         top_lp, top_ids = logprobs.topk(top_k, -1)
         target_ids = model.to_target_ids(top_ids)
         seqs = torch.tensor([lane_seq[lane] for lane in owners], dtype=torch.long, device=device)
-        chosen = model.to_target_ids(pick_next(logits.float(), top_ids[:, 0], temp_of[seqs], generator))
+        chosen = model.to_target_ids(pick_next(logits.float(), top_ids[:, 0], temp_of[seqs], generator)).tolist()
+        ids_np = target_ids.cpu().numpy().astype(np.int32)       # one copy per forward, not one per row
+        logprobs_np = top_lp.cpu().numpy().astype(np.float16)
         for j, lane in enumerate(owners):
             out = results[lane_seq[lane]]
-            token = int(chosen[j])
+            token = chosen[j]
             out.tokens.append(token)
-            out.topk_ids.append(target_ids[j].cpu().numpy().astype(np.int32))
-            out.topk_logprobs.append(top_lp[j].cpu().numpy().astype(np.float16))
+            out.topk_ids.append(ids_np[j])
+            out.topk_logprobs.append(logprobs_np[j])
             if token in stop_ids or len(out.tokens) >= max_new:
                 out.finished = token in stop_ids
                 lane_seq[lane] = -1

@@ -17,6 +17,7 @@ from utils.errors import UserError
 from utils.flag_types import finite_float
 from utils.run_log import check_writable
 from utils.original_flags import add_original_flags, validate_original_flags
+from utils.report import cpu_flags
 
 EXIT_BAD_INPUT = 2
 
@@ -245,12 +246,7 @@ def resolve_device(name: str) -> str:
 
 def cpu_has_fast_bfloat16() -> bool:
     """True when the CPU has native bfloat16 matmuls (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

@@ -24,6 +24,7 @@ from engine.gguf_blocks import Q8_ACTIVATIONS, BlockLinear, BlockMatmul, BlockWe
 from engine.kv_cache import KVCache
 from engine.native_layers import LayerStep
 from utils.models import cache_dir
+from utils.report import cpu_flags
 
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
 SOURCES = (ENGINE / "gguf_blocks.c", ENGINE / "llama_layer.c")
@@ -67,17 +68,6 @@ def q8_isa(flags: set[str] | frozenset[str] | None = None) -> str:
 def kind_bits(kernel_id: int) -> int:
     """engine/gguf_blocks.c's kind for a BlockLinear's kernel id: the 8-bit activation kernels get the ISA's bits."""
     return kernel_id | Q8_ISAS[q8_isa()][0] if kernel_id & Q8_ACTIVATIONS else kernel_id
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
 
 
 def _compiler() -> str | None:

@@ -34,6 +34,14 @@ def read_cpuinfo() -> str:
         return ""
 
 
+def cpu_flags() -> set[str]:
+    """Every flag /proc/cpuinfo lists for the first CPU (empty where there is none)."""
+    for line in read_cpuinfo().splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
 def cpu_description(cpuinfo: str) -> tuple[str, list[str]]:
     """(model name, the ISA flags that pick kernel paths) from the text of /proc/cpuinfo."""
     model, flags = "unknown", []

@@ -419,9 +419,7 @@ def user_shard(model: TreeModel, tokenizer, settings: DistillSettings, rng: rand
     rows = [(i, prompt + ans.tokens, spans + [(len(prompt), ans)], ans.finished)
             for (i, prompt, spans), ans in zip(rows, answers)]
     for turn in range(1, max((len(item.turns) for item in items), default=1)):  # next turns after answers
-        todo = [r for r, (i, tokens, _, finished) in enumerate(rows)
-                if finished and len(items[i].turns) > turn
-                and len(tokens) + len(between) + 64 + len(after) <= room]
+        todo = [r for r, (i, _, _, finished) in enumerate(rows) if finished and len(items[i].turns) > turn]
         prompts = [rows[r][1] + between + encode(items[rows[r][0]].turns[turn]) + after for r in todo]
         keep = [(r, p) for r, p in zip(todo, prompts) if len(p) <= room]
         follow = run([p for _, p in keep], [temps[rows[r][0]] for r, _ in keep], settings.max_new_tokens)
@@ -558,6 +556,9 @@ def _load_generator(settings: DistillSettings):
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.get(settings.dtype)
     if dtype is None:
         raise UserError(f"unknown distillation dtype {settings.dtype!r}: use bfloat16, float16 or float32")
+    if (settings.text_style == "users") != (settings.generator == "packed"):
+        raise UserError(f"distillation text_style {settings.text_style!r} with generator {settings.generator!r}: "
+                        "the users mix runs on the packed generator, the other mixes on hf")
     if settings.generator == "packed":
         plan = KernelPlan(dtype, settings.linear_path)
         return load_pair(settings.target, None, False, dtype, "cpu", settings.lanes * LANE_SLOTS,
